@@ -1,0 +1,446 @@
+"""The one configuration schema of edged.
+
+The effective configuration is an immutable value (`EdgedConfig`) built from the YAML file plus an
+optional remote overlay (a partial mapping of the same shape, sent over MQTT). Rebuilding and comparing
+two values tells which parts of the running daemon must be reconfigured (`changed_paths`).
+
+Every error names the key path, the YAML line where known, and what was expected.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Topic-safe identifier: no MQTT wildcards, no slashes, no spaces.
+IDENT_RE = r"^[A-Za-z0-9_-]{1,64}$"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------- capture
+class CaptureConfig(_Section):
+    source: Union[int, str] = Field(
+        "demo",
+        description="Camera index (0 -> /dev/video0), a /dev/videoN path, a video file, an rtsp:// or "
+        "http(s):// URL, or 'demo' for the built-in synthetic scene.",
+    )
+    name: str = Field("cam0", pattern=IDENT_RE, description="Camera name carried in every event.")
+    width: Optional[int] = Field(None, ge=16, le=8192, description="Requested capture width (cameras).")
+    height: Optional[int] = Field(None, ge=16, le=8192, description="Requested capture height (cameras).")
+    fps_cap: float = Field(0.0, ge=0.0, le=240.0, description="Max frames per second processed; 0 = no cap.")
+    loop: bool = Field(False, description="Restart a video file at its end instead of stopping.")
+    reconnect_min_s: float = Field(1.0, gt=0.0, le=60.0)
+    reconnect_max_s: float = Field(30.0, gt=0.0, le=3600.0)
+    queue_size: int = Field(2, ge=1, le=64, description="Frames buffered between capture and detection.")
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "CaptureConfig":
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- models
+Delegate = Literal["cpu", "edgetpu"]
+
+
+class DetectorConfig(_Section):
+    model: str = Field("models/yolov3-tiny-416-int8.tflite", description="TFLite detector file.")
+    input_size: Optional[int] = Field(
+        None, ge=32, le=1536, description="Expected network input size; None = take it from the model."
+    )
+    score_threshold: float = Field(0.3, ge=0.0, le=1.0)
+    nms_iou: float = Field(0.45, gt=0.0, le=1.0)
+    classes: List[str] = Field(["person"], description="Class allow-list by name; empty = all classes.")
+    max_detections: int = Field(100, ge=1, le=1000)
+    threads: int = Field(2, ge=1, le=64)
+    delegate: Delegate = "cpu"
+    edgetpu_device: str = Field("usb:0", description="Edge TPU device, e.g. usb:0 or pci:0.")
+
+
+class EncoderConfig(_Section):
+    enabled: bool = True
+    model: str = Field("models/encoder.tflite", description="TFLite appearance (re-ID) encoder file.")
+    threads: int = Field(2, ge=1, le=64)
+    delegate: Delegate = "cpu"
+    edgetpu_device: str = "usb:0"
+    batch_size: int = Field(16, ge=1, le=256)
+
+
+# ---------------------------------------------------------------------------------------------- tracker
+class TrackerConfig(_Section):
+    max_age: int = Field(30, ge=1, le=10000, description="Misses before a confirmed track is deleted.")
+    n_init: int = Field(3, ge=1, le=100, description="Consecutive hits before a track is confirmed.")
+    max_iou_distance: float = Field(0.7, gt=0.0, le=1.0)
+    max_cosine_distance: float = Field(0.2, gt=0.0, le=2.0)
+    nn_budget: Optional[int] = Field(100, ge=1, le=10000, description="Features kept per track.")
+    min_confidence: float = Field(0.3, ge=0.0, le=1.0, description="Detections below are not tracked.")
+    gating_threshold: float = Field(
+        9.4877, gt=0.0, description="Squared-Mahalanobis gate (chi-square 0.95, 4 dof)."
+    )
+    use_appearance: bool = Field(True, description="False = motion + IoU only.")
+
+
+# ---------------------------------------------------------------------------------------------- events
+Point = Tuple[float, float]
+
+
+def _check_normalised(points: Sequence[Point], what: str) -> None:
+    for x, y in points:
+        if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+            raise ValueError(f"{what} coordinates are normalised to the frame: 0..1, got ({x}, {y})")
+
+
+class ZoneConfig(_Section):
+    name: str = Field(..., pattern=IDENT_RE)
+    polygon: List[Point] = Field(..., min_length=3, description="Normalised (x, y) vertices, 0..1.")
+    classes: List[str] = Field([], description="Classes counted in the zone; empty = all tracked.")
+
+    @field_validator("polygon")
+    @classmethod
+    def _norm(cls, v: List[Point]) -> List[Point]:
+        _check_normalised(v, "polygon")
+        return v
+
+
+class LineConfig(_Section):
+    name: str = Field(..., pattern=IDENT_RE)
+    points: Tuple[Point, Point] = Field(..., description="Normalised endpoints (x1, y1), (x2, y2).")
+    classes: List[str] = []
+
+    @field_validator("points")
+    @classmethod
+    def _norm(cls, v: Tuple[Point, Point]) -> Tuple[Point, Point]:
+        _check_normalised(v, "line")
+        if v[0] == v[1]:
+            raise ValueError("line endpoints must differ")
+        return v
+
+
+class EventsConfig(_Section):
+    position_interval_s: float = Field(
+        5.0, gt=0.0, le=3600.0, description="A live track reports its position at least this often."
+    )
+    position_min_interval_s: float = Field(
+        0.5, ge=0.0, le=3600.0, description="...and at most this often, even when moving."
+    )
+    position_min_move: float = Field(
+        0.05, ge=0.0, le=1.0, description="Movement (fraction of frame diagonal) that triggers an update."
+    )
+    edge_margin: float = Field(
+        0.03, ge=0.0, le=0.5, description="An exit this close to the frame border is reason 'left_frame'."
+    )
+    include_embedding: bool = Field(False, description="Add the mean appearance embedding to exit events.")
+    zones: List[ZoneConfig] = []
+    lines: List[LineConfig] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EventsConfig":
+        names = [z.name for z in self.zones] + [ln.name for ln in self.lines]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"zone/line names must be unique, repeated: {', '.join(dup)}")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- mqtt
+class TlsConfig(_Section):
+    enabled: bool = False
+    ca_file: Optional[str] = None
+    cert_file: Optional[str] = None
+    key_file: Optional[str] = None
+    verify_hostname: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TlsConfig":
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class OutboxConfig(_Section):
+    max_rows: int = Field(100_000, ge=10, le=10_000_000, description="Queued messages kept at most.")
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Queued payload bytes kept at most.")
+    drop: Literal["oldest_position_first", "oldest"] = Field(
+        "oldest_position_first",
+        description="When full: drop position updates first, then the oldest messages.",
+    )
+
+
+class HomeAssistantConfig(_Section):
+    enabled: bool = False
+    discovery_prefix: str = "homeassistant"
+
+
+class MqttConfig(_Section):
+    enabled: bool = True
+    host: str = "localhost"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: Optional[str] = Field(None, description="Default: edged-<device_id>.")
+    username: Optional[str] = None
+    password: Optional[str] = Field(None, repr=False)
+    password_file: Optional[str] = Field(None, description="File holding the password (preferred).")
+    topic_prefix: str = Field("edged", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+    keepalive: int = Field(30, ge=5, le=3600)
+    qos_events: Literal[0, 1, 2] = 1
+    qos_tracks: Literal[0, 1, 2] = 0
+    reconnect_min_s: float = Field(1.0, gt=0.0, le=60.0)
+    reconnect_max_s: float = Field(30.0, gt=0.0, le=3600.0)
+    stats_interval_s: float = Field(30.0, gt=0.0, le=86400.0)
+    tls: TlsConfig = TlsConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if v.startswith("/") or v.endswith("/") or "//" in v:
+            raise ValueError("topic_prefix must not start or end with '/' or contain '//'")
+        return v
+
+    @model_validator(mode="after")
+    def _secrets(self) -> "MqttConfig":
+        if self.password and self.password_file:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------- rest
+class WebConfig(_Section):
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="Bind address of the debug HTTP server.")
+    port: int = Field(8080, ge=0, le=65535, description="0 = pick a free port.")
+    mjpeg_fps: float = Field(5.0, gt=0.0, le=60.0)
+    jpeg_quality: int = Field(70, ge=10, le=100)
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "text", "journal"] = Field(
+        "auto", description="auto = journald priorities under systemd, plain lines on a terminal."
+    )
+
+
+class EdgedConfig(_Section):
+    device_id: str = Field("edged", pattern=IDENT_RE, description="Unique per device; part of every topic.")
+    state_dir: str = Field("state", description="Outbox, remote config and track ids live here.")
+    capture: CaptureConfig = CaptureConfig()
+    detector: DetectorConfig = DetectorConfig()
+    encoder: EncoderConfig = EncoderConfig()
+    tracker: TrackerConfig = TrackerConfig()
+    events: EventsConfig = EventsConfig()
+    mqtt: MqttConfig = MqttConfig()
+    web: WebConfig = WebConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def effective_client_id(self) -> str:
+        return self.mqtt.client_id or f"edged-{self.device_id}"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+class ConfigError(Exception):
+    """A configuration that cannot be used. `problems` lists one readable line per error."""
+
+    def __init__(self, source: str, problems: List[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: " + "; ".join(problems))
+
+    def __str__(self) -> str:
+        return f"invalid configuration {self.source}:\n" + "\n".join(f"  - {p}" for p in self.problems)
+
+
+def _line_of(node: Optional[yaml.Node], loc: Sequence[Union[str, int]]) -> Optional[int]:
+    """1-based YAML line of the key (or item) at `loc`, the deepest one that exists."""
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == str(part):
+                    line, node = k.start_mark.line + 1, v
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _model_for(loc: Sequence[Union[str, int]]) -> Optional[type]:
+    """The pydantic model class that owns the key at `loc` (for 'did you mean')."""
+    model: Any = EdgedConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        inner = getattr(ann, "__args__", None)
+        candidates = [ann] + list(inner or [])
+        nxt = None
+        for c in candidates:
+            if isinstance(c, type) and issubclass(c, BaseModel):
+                nxt = c
+            for cc in getattr(c, "__args__", ()) or ():
+                if isinstance(cc, type) and issubclass(cc, BaseModel):
+                    nxt = cc
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def format_errors(exc: ValidationError, root: Optional[yaml.Node] = None) -> List[str]:
+    problems = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"]]
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        line = _line_of(root, loc) if root is not None else None
+        where = f"{path} (line {line})" if line else path
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            model = _model_for(loc)
+            known = list(model.model_fields) if model else []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else (f"; known keys: {', '.join(known)}" if known else "")
+            problems.append(f"{where}: unknown key{hint}")
+            continue
+        msg = err["msg"]
+        if kind.startswith("value_error"):
+            msg = msg.replace("Value error, ", "")
+        value = err.get("input")
+        shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+        if "password" in path:
+            shown = ""
+        problems.append(f"{where}: {msg}{shown}")
+    return problems
+
+
+def deep_merge(base: Dict[str, Any], overlay: Dict[str, Any]) -> Dict[str, Any]:
+    """`overlay` on top of `base`: mappings merge key by key, anything else (lists too) replaces."""
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_yaml(text: str, source: str) -> Tuple[Dict[str, Any], Optional[yaml.Node]]:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(source, [f"{where}not valid YAML: {getattr(exc, 'problem', exc)}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, ["(top level): expected a mapping of sections (capture:, detector:, ...)"])
+    return data, root
+
+
+def build_config(data: Dict[str, Any], source: str = "<config>", root: Optional[yaml.Node] = None) -> EdgedConfig:
+    try:
+        return EdgedConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, format_errors(exc, root)) from None
+
+
+def load_config(path: Union[str, Path, None], overlay: Optional[Dict[str, Any]] = None) -> EdgedConfig:
+    """Read the YAML file (None = defaults), apply `overlay`, validate. Raises ConfigError."""
+    data: Dict[str, Any] = {}
+    root = None
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+        data, root = parse_yaml(text, source)
+    if overlay:
+        # Errors in an overlay are reported by key path; lines refer to the file only.
+        try:
+            return build_config(deep_merge(data, overlay), source + " + overlay", None)
+        except ConfigError:
+            raise
+    return build_config(data, source, root)
+
+
+def config_to_dict(cfg: EdgedConfig, *, redact: bool = True) -> Dict[str, Any]:
+    """Plain (YAML/JSON-ready) mapping. Secrets are redacted unless asked otherwise."""
+    data = cfg.model_dump(mode="json")
+    if redact and data["mqtt"].get("password"):
+        data["mqtt"]["password"] = "***"
+    return data
+
+
+def changed_paths(old: EdgedConfig, new: EdgedConfig) -> List[str]:
+    """Dotted key paths whose value differs between two configs (leaf level for mappings)."""
+    out: List[str] = []
+
+    def walk(a: Any, b: Any, prefix: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                walk(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+        elif a != b:
+            out.append(prefix)
+
+    walk(old.model_dump(mode="json"), new.model_dump(mode="json"), "")
+    return out
+
+
+def resolve_path(value: str, config_path: Union[str, Path, None] = None) -> Path:
+    """A relative path in the config: next to the config file, else the working directory, else the
+    project root (where the default models/ live)."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    candidates = []
+    if config_path is not None:
+        candidates.append(Path(config_path).resolve().parent / p)
+    candidates += [Path.cwd() / p, PROJECT_ROOT / p]
+    for c in candidates:
+        if c.exists():
+            return c
+    return candidates[0]
+
+
+def read_password(cfg: MqttConfig, config_path: Union[str, Path, None] = None) -> Optional[str]:
+    if cfg.password_file:
+        path = resolve_path(cfg.password_file, config_path)
+        try:
+            return path.read_text(encoding="utf-8").strip("\r\n")
+        except OSError as exc:
+            raise ConfigError("mqtt.password_file", [f"mqtt.password_file: cannot read {path}: {exc.strerror}"]) from None
+    return cfg.password
+
+
+_SOURCE_DEV_RE = re.compile(r"^/dev/video(\d+)$")
+
+
+def camera_index(source: Union[int, str]) -> Optional[int]:
+    """V4L2 index for `0`, `"0"` or `/dev/video0`; None for files, URLs and 'demo'."""
+    if isinstance(source, int):
+        return source
+    if source.isdigit():
+        return int(source)
+    m = _SOURCE_DEV_RE.match(source)
+    return int(m.group(1)) if m else None

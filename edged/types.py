@@ -1,0 +1,73 @@
+"""Small typed records passed between stages (capture -> detect/encode -> track -> events -> MQTT)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # H x W x 3 uint8, BGR (OpenCV order)
+    index: int  # 0-based frame number from the source (file frame i = MOT gt frame i + 1)
+    timestamp: float  # UTC wall-clock seconds when the frame was captured
+    stream_time: float  # seconds into the stream (file position) or monotonic time for live sources
+
+    @property
+    def size(self) -> tuple:
+        h, w = self.image.shape[:2]
+        return w, h
+
+
+@dataclass
+class Detections:
+    """One frame's detections; all arrays share the first dimension N."""
+
+    boxes: np.ndarray  # (N, 4) float32 [x1, y1, x2, y2] in frame pixels
+    scores: np.ndarray  # (N,) float32 in 0..1
+    class_ids: np.ndarray  # (N,) int32
+    features: Optional[np.ndarray] = None  # (N, D) float32, L2-normalised rows, or None
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    @staticmethod
+    def empty(feature_dim: int = 0) -> "Detections":
+        return Detections(
+            boxes=np.zeros((0, 4), np.float32),
+            scores=np.zeros((0,), np.float32),
+            class_ids=np.zeros((0,), np.int32),
+            features=np.zeros((0, feature_dim), np.float32) if feature_dim else None,
+        )
+
+    def subset(self, keep: np.ndarray) -> "Detections":
+        return Detections(
+            self.boxes[keep], self.scores[keep], self.class_ids[keep],
+            None if self.features is None else self.features[keep],
+        )
+
+
+@dataclass
+class TrackSnapshot:
+    """A track as the tracker sees it after one step."""
+
+    track_id: int
+    class_id: int
+    box: np.ndarray  # (4,) float [x1, y1, x2, y2] Kalman estimate, frame pixels
+    score: float  # score of the last matched detection
+    velocity: np.ndarray  # (2,) box-centre velocity, pixels per frame
+    hits: int  # total matched detections
+    age: int  # frames since the track was created
+    time_since_update: int  # 0 = matched in this frame
+    feature: Optional[np.ndarray] = None  # (D,) mean/EMA appearance, L2-normalised, or None
+
+
+@dataclass
+class TrackerStep:
+    """What one `Tracker.update` produced."""
+
+    tracks: List[TrackSnapshot] = field(default_factory=list)  # confirmed, alive tracks
+    confirmed: List[int] = field(default_factory=list)  # ids that became confirmed in this step
+    deleted: List[TrackSnapshot] = field(default_factory=list)  # confirmed tracks removed in this step
