@@ -1,0 +1,408 @@
+"""TFLite runtime layer: load an interpreter, describe its tensors, (de)quantize, read/write edged metadata.
+
+The interpreter comes from `ai_edge_litert`, else `tflite_runtime`, else `tensorflow.lite`, so the same code
+runs on a Raspberry Pi (LiteRT / tflite-runtime wheel), on a Coral board (Edge TPU delegate) and on a dev box.
+
+Model metadata (anchors, class names, input size, normalisation...) travels inside the .tflite file as a
+standard TFLite `Model.metadata` entry named "edged" whose buffer holds UTF-8 JSON. Reading it needs no
+TensorFlow: a small bounds-checked flatbuffer reader below. Writing rebuilds the flatbuffer with the
+schema bindings shipped by ai_edge_litert (or TensorFlow), keeping every weight buffer 16-byte aligned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+METADATA_NAME = "edged"
+TFLITE_IDENTIFIER = b"TFL3"
+EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "Windows": "edgetpu.dll"}
+
+
+class ModelError(Exception):
+    """A model file that cannot be used; the message names the file and the problem."""
+
+
+# ---------------------------------------------------------------------------------------------- backend
+def _backend() -> Tuple[Any, Any, str]:
+    """(Interpreter class, load_delegate function, backend name) of the first runtime installed."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter, load_delegate  # type: ignore
+
+        return Interpreter, load_delegate, "ai_edge_litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter, load_delegate  # type: ignore
+
+        return Interpreter, load_delegate, "tflite_runtime"
+    except ImportError:
+        pass
+    try:
+        import tensorflow as tf  # type: ignore
+
+        return tf.lite.Interpreter, tf.lite.experimental.load_delegate, "tensorflow"
+    except ImportError:
+        pass
+    raise ModelError(
+        "no TFLite runtime installed: pip install ai-edge-litert (or tflite-runtime, or tensorflow)"
+    )
+
+
+def backend_name() -> str:
+    return _backend()[2]
+
+
+def check_model_file(path: PathLike) -> bytes:
+    """The file's bytes, after checking it exists and looks like a complete TFLite flatbuffer."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError(f"{p}: model file not found")
+    if not p.is_file():
+        raise ModelError(f"{p}: not a regular file")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"{p}: cannot read the model file: {exc.strerror or exc}") from None
+    if len(data) < 8:
+        raise ModelError(f"{p}: not a TFLite model (file is {len(data)} bytes, empty or truncated)")
+    if data[4:8] != TFLITE_IDENTIFIER:
+        raise ModelError(
+            f"{p}: not a TFLite model (no 'TFL3' flatbuffer identifier; got {data[4:8]!r}). "
+            "Convert Darknet models with `edged models convert`."
+        )
+    # Walking the tables catches truncation before the interpreter does (with a clearer message).
+    _read_model_tables(data, str(p))
+    return data
+
+
+def load_interpreter(
+    path: PathLike, *, threads: int = 2, delegate: str = "cpu", edgetpu_device: str = "usb:0"
+) -> Any:
+    """A ready (tensors allocated) interpreter for `path`.
+
+    delegate: "cpu" (XNNPACK, `threads` threads) or "edgetpu" (needs libedgetpu and a Coral device
+    such as "usb:0" / "pci:0"; the model must be compiled with edgetpu_compiler)."""
+    check_model_file(path)
+    Interpreter, load_delegate, name = _backend()
+    delegates = []
+    if delegate == "edgetpu":
+        import platform
+
+        lib = EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
+        try:
+            delegates.append(load_delegate(lib, {"device": edgetpu_device} if edgetpu_device else {}))
+        except (ValueError, OSError, RuntimeError) as exc:
+            raise ModelError(
+                f"{path}: cannot load the Edge TPU delegate ({lib}, device {edgetpu_device!r}): {exc}. "
+                "Install libedgetpu1-std and plug in / enable the Coral device, or set delegate: cpu."
+            ) from None
+    elif delegate != "cpu":
+        raise ModelError(f"{path}: unknown delegate {delegate!r} (expected 'cpu' or 'edgetpu')")
+    try:
+        interp = Interpreter(
+            model_path=str(path), num_threads=int(threads), experimental_delegates=delegates or None
+        )
+        interp.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()
+        hint = ""
+        if "edgetpu-custom-op" in str(exc):
+            hint = " (an Edge TPU compiled model needs delegate: edgetpu)"
+        raise ModelError(f"{path}: the TFLite runtime ({name}) cannot load it{hint}: {msg[0] if msg else exc}") from None
+    return interp
+
+
+# ---------------------------------------------------------------------------------------------- tensors
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    index: int
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+    scale: float  # 0.0 = not quantized
+    zero_point: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.scale != 0.0 and np.issubdtype(self.dtype, np.integer)
+
+
+def _spec(d: Dict[str, Any]) -> TensorSpec:
+    scale, zero = d.get("quantization", (0.0, 0))
+    qp = d.get("quantization_parameters") or {}
+    scales = qp.get("scales")
+    if scales is not None and len(scales) > 1:
+        # Per-channel quantized I/O does not happen for activations; refuse rather than guess.
+        raise ModelError(f"tensor {d.get('name')}: per-channel quantized input/output is not supported")
+    return TensorSpec(
+        name=str(d.get("name", "")),
+        index=int(d["index"]),
+        shape=tuple(int(s) for s in d["shape"]),
+        dtype=np.dtype(d["dtype"]),
+        scale=float(scale),
+        zero_point=int(zero),
+    )
+
+
+def input_specs(interp: Any) -> List[TensorSpec]:
+    return [_spec(d) for d in interp.get_input_details()]
+
+
+def output_specs(interp: Any) -> List[TensorSpec]:
+    return [_spec(d) for d in interp.get_output_details()]
+
+
+def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """Real values -> what the tensor stores (round, add zero point, saturate); float tensors: cast."""
+    if not spec.quantized:
+        return np.asarray(x, dtype=spec.dtype)
+    info = np.iinfo(spec.dtype)
+    q = np.rint(np.asarray(x, np.float32) / np.float32(spec.scale)) + spec.zero_point
+    return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+
+def dequantize(q: np.ndarray, spec: TensorSpec) -> np.ndarray:
+    """What the tensor stores -> float32 real values."""
+    if not spec.quantized:
+        return np.asarray(q, dtype=np.float32)
+    return (q.astype(np.float32) - np.float32(spec.zero_point)) * np.float32(spec.scale)
+
+
+def pixel_affine(spec: TensorSpec, pixel_scale: float = 1.0 / 255.0) -> Optional[Tuple[float, float]]:
+    """For a uint8/int8 input that encodes `pixel * pixel_scale`: (a, b) with stored = pixel * a + b.
+
+    Returns None when the input is float. Lets callers feed uint8 pixels without a float round trip:
+    a full-int8 YOLO with input scale 1/255 and zero point 0 (uint8) or -128 (int8) takes pixels as is."""
+    if not spec.quantized:
+        return None
+    return pixel_scale / spec.scale, float(spec.zero_point)
+
+
+# ---------------------------------------------------------------------------------------------- flatbuffer reading
+class _Reader:
+    """Minimal bounds-checked reader for the parts of the TFLite schema we need."""
+
+    def __init__(self, buf: bytes, source: str):
+        self.buf = buf
+        self.source = source
+
+    def _fail(self, what: str) -> ModelError:
+        return ModelError(f"{self.source}: not a valid TFLite model (truncated or corrupt: {what})")
+
+    def u8(self, off: int) -> int:
+        return self._unpack("<B", off)
+
+    def u16(self, off: int) -> int:
+        return self._unpack("<H", off)
+
+    def u32(self, off: int) -> int:
+        return self._unpack("<I", off)
+
+    def i32(self, off: int) -> int:
+        return self._unpack("<i", off)
+
+    def u64(self, off: int) -> int:
+        return self._unpack("<Q", off)
+
+    def _unpack(self, fmt: str, off: int) -> int:
+        if off < 0 or off + struct.calcsize(fmt) > len(self.buf):
+            raise self._fail(f"offset {off} beyond the end of the {len(self.buf)}-byte file")
+        return struct.unpack_from(fmt, self.buf, off)[0]
+
+    def table(self, pos: int) -> "_Table":
+        return _Table(self, pos)
+
+
+class _Table:
+    def __init__(self, r: _Reader, pos: int):
+        self.r = r
+        self.pos = pos
+        self.vtable = pos - r.i32(pos)
+        self.vtable_len = r.u16(self.vtable)
+
+    def _field(self, idx: int) -> int:
+        o = 4 + 2 * idx
+        return self.r.u16(self.vtable + o) if o < self.vtable_len else 0
+
+    def table(self, idx: int) -> Optional["_Table"]:
+        off = self._field(idx)
+        if not off:
+            return None
+        p = self.pos + off
+        return self.r.table(p + self.r.u32(p))
+
+    def vector(self, idx: int) -> Tuple[int, int]:
+        """(start of elements, length) or (0, 0) when absent."""
+        off = self._field(idx)
+        if not off:
+            return 0, 0
+        p = self.pos + off
+        vp = p + self.r.u32(p)
+        return vp + 4, self.r.u32(vp)
+
+    def tables(self, idx: int) -> List["_Table"]:
+        start, n = self.vector(idx)
+        if start and start + 4 * n > len(self.r.buf):
+            raise self.r._fail("vector runs past the end of the file")
+        return [self.r.table(start + 4 * i + self.r.u32(start + 4 * i)) for i in range(n)]
+
+    def bytes_(self, idx: int) -> Optional[bytes]:
+        start, n = self.vector(idx)
+        if not start:
+            return None
+        if start + n > len(self.r.buf):
+            raise self.r._fail("data vector runs past the end of the file")
+        return self.r.buf[start : start + n]
+
+    def string(self, idx: int) -> Optional[str]:
+        b = self.bytes_(idx)
+        return None if b is None else b.decode("utf-8", errors="replace")
+
+    def u64(self, idx: int) -> int:
+        off = self._field(idx)
+        return self.r.u64(self.pos + off) if off else 0
+
+
+# Field indices of the TFLite schema (tensorflow/lite/schema/schema.fbs).
+_MODEL_SUBGRAPHS, _MODEL_BUFFERS, _MODEL_METADATA = 2, 4, 6
+_BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2
+_METADATA_NAME, _METADATA_BUFFER = 0, 1
+
+
+def _read_model_tables(buf: bytes, source: str) -> Tuple[_Table, List[_Table], List[_Table]]:
+    r = _Reader(buf, source)
+    model = r.table(r.u32(0))
+    subgraphs = model.tables(_MODEL_SUBGRAPHS)
+    if not subgraphs:
+        raise r._fail("no subgraph")
+    buffers = model.tables(_MODEL_BUFFERS)
+    for b in buffers:  # touching every buffer's extent proves the weights are all there
+        start, n = b.vector(_BUFFER_DATA)
+        if start and start + n > len(buf):
+            raise r._fail(f"weight buffer of {n} bytes runs past the end of the {len(buf)}-byte file")
+        off, size = b.u64(_BUFFER_OFFSET), b.u64(_BUFFER_SIZE)
+        if off > 1 and off + size > len(buf):
+            raise r._fail("external weight buffer runs past the end of the file")
+    return model, buffers, model.tables(_MODEL_METADATA)
+
+
+def metadata_entries(path_or_bytes: Union[PathLike, bytes]) -> Dict[str, bytes]:
+    """All `Model.metadata` entries of a TFLite file: name -> raw bytes."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        buf, source = bytes(path_or_bytes), "<model bytes>"
+        if buf[4:8] != TFLITE_IDENTIFIER:
+            raise ModelError(f"{source}: not a TFLite model")
+    else:
+        source = str(path_or_bytes)
+        buf = check_model_file(path_or_bytes)
+    r = _Reader(buf, source)
+    _, buffers, metas = _read_model_tables(buf, source)
+    out: Dict[str, bytes] = {}
+    for m in metas:
+        name = m.string(_METADATA_NAME) or ""
+        off = m._field(_METADATA_BUFFER)
+        idx = r.u32(m.pos + off) if off else 0
+        if idx >= len(buffers):
+            raise r._fail(f"metadata {name!r} points at buffer {idx} of {len(buffers)}")
+        b = buffers[idx]
+        data = b.bytes_(_BUFFER_DATA)
+        if data is None:
+            o, n = b.u64(_BUFFER_OFFSET), b.u64(_BUFFER_SIZE)
+            data = buf[o : o + n] if o > 1 else b""
+        out[name] = data
+    return out
+
+
+def read_metadata(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The edged metadata (a JSON object) embedded in the model, or None when the model has none."""
+    raw = metadata_entries(path).get(METADATA_NAME)
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw.rstrip(b"\0").decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{path}: the embedded '{METADATA_NAME}' metadata is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{path}: the embedded '{METADATA_NAME}' metadata is not a JSON object")
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- flatbuffer writing
+def _schema() -> Any:
+    try:
+        from ai_edge_litert import schema_py_generated as schema  # type: ignore
+    except ImportError:
+        try:
+            from tensorflow.lite.python import schema_py_generated as schema  # type: ignore
+        except ImportError:
+            raise ModelError(
+                "writing model metadata needs the TFLite schema bindings: pip install ai-edge-litert "
+                "(or tensorflow)"
+            ) from None
+    return schema
+
+
+def write_metadata(path_in: PathLike, path_out: PathLike, meta: Dict[str, Any]) -> None:
+    """Copy `path_in` to `path_out` with `meta` (JSON-serialisable) as its "edged" metadata entry,
+    replacing any previous one. `path_out` may equal `path_in`."""
+    import flatbuffers  # dependency of ai-edge-litert and tensorflow
+
+    schema = _schema()
+    buf = check_model_file(path_in)
+    payload = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(buf, 0))
+    for b in model.buffers or []:
+        if b.offset and b.offset > 1:
+            raise ModelError(f"{path_in}: models with external (>2 GB) weight buffers are not supported")
+    model.metadata = [m for m in (model.metadata or []) if _decode(m.name) != METADATA_NAME]
+    new_buffer = schema.BufferT()
+    new_buffer.data = np.frombuffer(payload, np.uint8)
+    model.buffers = list(model.buffers or []) + [new_buffer]
+    entry = schema.MetadataT()
+    entry.name = METADATA_NAME
+    entry.buffer = len(model.buffers) - 1
+    model.metadata.append(entry)
+
+    # Pack weights 16-byte aligned like the converter does (the generated Pack aligns to 1 byte).
+    class _AlignedBuffer(schema.BufferT):  # type: ignore[misc, valid-type]
+        def Pack(self, builder: Any) -> int:
+            data = None
+            if self.data is not None and len(self.data):
+                raw = np.ascontiguousarray(self.data, dtype=np.uint8).tobytes()
+                builder.StartVector(1, len(raw), 16)
+                builder.head = builder.head - len(raw)
+                builder.Bytes[builder.head : builder.head + len(raw)] = raw
+                builder.vectorNumElems = len(raw)
+                data = builder.EndVector()
+            schema.BufferStart(builder)
+            if data is not None:
+                schema.BufferAddData(builder, data)
+            schema.BufferAddOffset(builder, self.offset)
+            schema.BufferAddSize(builder, self.size)
+            return schema.BufferEnd(builder)
+
+    aligned = []
+    for b in model.buffers:
+        a = _AlignedBuffer()
+        a.data, a.offset, a.size = b.data, b.offset, b.size
+        aligned.append(a)
+    model.buffers = aligned
+    builder = flatbuffers.Builder(len(buf) + len(payload) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
+    out = bytes(builder.Output())
+    tmp = Path(str(path_out) + ".tmp")
+    tmp.write_bytes(out)
+    os.replace(tmp, path_out)
+
+
+def _decode(name: Any) -> str:
+    return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "")
