@@ -22,6 +22,7 @@ COMMANDS = {
     "models": ("edged.inference.cli", "inspect, convert and build models"),
     "mot": ("edged.tracking.mot", "run the tracker on MOTChallenge detections"),
     "eval": ("edged.tracking.evaluate", "score MOTChallenge results against ground truth"),
+    "watch": ("edged.watch", "print the MQTT messages of a device as they arrive"),
     "demo-scene": ("edged.scene", "render the synthetic demo scene to a video + MOT ground truth"),
     "bench": ("edged.bench", "run the benchmarks"),
     "install-service": ("edged.install", "install the systemd unit"),
