@@ -89,6 +89,35 @@ class TrackerConfig(_Section):
         9.4877, gt=0.0, description="Squared-Mahalanobis gate (chi-square 0.95, 4 dof)."
     )
     use_appearance: bool = Field(True, description="False = motion + IoU only.")
+    # Improvements over the original DeepSORT; each one measured alone in docs/tracker.md.
+    feature_ema: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Track appearance as an exponential moving average with this momentum (StrongSORT: "
+        "0.9); 0 = the original gallery of the last nn_budget features (nearest-neighbour distance).",
+    )
+    nsa_kalman: bool = Field(
+        False, description="Scale the measurement noise by (1 - detection score) (NSA Kalman, GIAOTracker)."
+    )
+    matching_cascade: bool = Field(
+        True, description="Match confirmed tracks by recency (DeepSORT cascade); False = one global assignment."
+    )
+    motion_weight: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="Appearance cost fused with the squared Mahalanobis distance with this weight "
+        "(StrongSORT: 0.02); 0 = appearance only, motion only gates.",
+    )
+    second_association: bool = Field(
+        False,
+        description="ByteTrack: detections scored in [low_score, high_score) are only matched (by IoU) to "
+        "tracks seen in the previous frame, after the main association; they start no tracks.",
+    )
+    high_score: float = Field(0.6, ge=0.0, le=1.0, description="ByteTrack split between high and low detections.")
+    low_score: float = Field(0.1, ge=0.0, le=1.0, description="ByteTrack: lower detections are ignored.")
+    observation_reupdate: bool = Field(
+        False,
+        description="OC-SORT: when a lost track is found again, replay the Kalman filter along a straight "
+        "virtual path from its last observation instead of trusting the drifted prediction.",
+    )
 
 
 # ---------------------------------------------------------------------------------------------- events
@@ -141,6 +170,11 @@ class EventsConfig(_Section):
         0.03, ge=0.0, le=0.5, description="An exit this close to the frame border is reason 'left_frame'."
     )
     include_embedding: bool = Field(False, description="Add the mean appearance embedding to exit events.")
+    line_hysteresis: float = Field(
+        0.01, ge=0.0, le=0.5,
+        description="A line crossing counts only once the point is this far (fraction of frame diagonal) "
+        "beyond the line, so a track jittering on the line is not counted twice.",
+    )
     zones: List[ZoneConfig] = []
     lines: List[LineConfig] = []
 
@@ -175,6 +209,10 @@ class OutboxConfig(_Section):
         "oldest_position_first",
         description="When full: drop position updates first, then the oldest messages.",
     )
+    synchronous: Literal["normal", "full"] = Field(
+        "normal",
+        description="SQLite sync: 'normal' survives a daemon crash (SIGKILL); 'full' also a power cut, slower.",
+    )
 
 
 class HomeAssistantConfig(_Section):
@@ -197,6 +235,9 @@ class MqttConfig(_Section):
     reconnect_min_s: float = Field(1.0, gt=0.0, le=60.0)
     reconnect_max_s: float = Field(30.0, gt=0.0, le=3600.0)
     stats_interval_s: float = Field(30.0, gt=0.0, le=86400.0)
+    max_inflight: int = Field(
+        20, ge=1, le=1000, description="Unacknowledged QoS 1/2 publishes at once (capped by the broker's limit)."
+    )
     tls: TlsConfig = TlsConfig()
     outbox: OutboxConfig = OutboxConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
@@ -444,3 +485,21 @@ def camera_index(source: Union[int, str]) -> Optional[int]:
         return int(source)
     m = _SOURCE_DEV_RE.match(source)
     return int(m.group(1)) if m else None
+
+
+def parse_assignment(item: str) -> Dict[str, Any]:
+    """`tracker.max_age=50` -> {"tracker": {"max_age": 50}} (the value is parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError("--set", [f"expected KEY=VALUE, got {item!r}"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    out: Dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
