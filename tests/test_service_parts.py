@@ -85,3 +85,35 @@ def test_sequence_file_corrupt_is_named(tmp_path):
     path.write_text("garbage")
     with pytest.raises(ValueError, match="sequence"):
         SequenceCounter(path)
+
+
+def _log_once(env_extra: dict, stderr_path) -> str:
+    import os
+    import sys
+
+    code = ("import logging; from edged.logs import setup_logging; setup_logging('info', 'auto');"
+            "logging.getLogger('edged.test').warning('camera lost')")
+    with open(stderr_path, "w") as fh:
+        st = os.fstat(fh.fileno())
+        env = dict(os.environ)
+        env.pop("JOURNAL_STREAM", None)
+        env.update({k: v.format(dev=st.st_dev, ino=st.st_ino) for k, v in env_extra.items()})
+        subprocess.run([sys.executable, "-c", code], stderr=fh, env=env, check=True)
+    return stderr_path.read_text()
+
+
+def test_logs_use_journald_priorities_under_systemd(tmp_path):
+    # systemd sets JOURNAL_STREAM to the device:inode of the stderr it connected to the journal.
+    pytest.importorskip("yaml")
+    text = _log_once({"JOURNAL_STREAM": "{dev}:{ino}"}, tmp_path / "journal.txt")
+    try:
+        import systemd.journal  # noqa: F401  (structured fields go straight to journald instead)
+        pytest.skip("systemd-python installed: records go to journald, not stderr")
+    except ImportError:
+        pass
+    assert text == "<4>edged.test: camera lost\n"
+
+
+def test_logs_are_plain_lines_on_a_terminal(tmp_path):
+    text = _log_once({}, tmp_path / "plain.txt")
+    assert "WARNING" in text and "edged.test: camera lost" in text and not text.startswith("<")
