@@ -1,6 +1,6 @@
 """A tiny real producer process for the crash tests: Outbox + MqttPublisher, nothing mocked.
 
-    python tests/_producer.py --db FILE --port N [--count N|0=forever] [--start-seq S]
+    python tests/_producer.py --db FILE --port N [--count N] [--stdin] [--start-seq S]
                               [--interval S] [--password-file F]
 
 Prints `put <seq>` (flushed) only after Outbox.put() returned, so the test knows exactly which
@@ -31,9 +31,10 @@ def main() -> int:
     ap.add_argument("--device", default="dev1")
     ap.add_argument("--username", default=None)
     ap.add_argument("--password-file", default=None)
-    ap.add_argument("--count", type=int, default=0, help="messages to put; 0 = until stopped")
+    ap.add_argument("--count", type=int, default=0, help="messages to put (without --stdin)")
     ap.add_argument("--start-seq", type=int, default=0)
     ap.add_argument("--interval", type=float, default=0.01)
+    ap.add_argument("--stdin", action="store_true", help="read 'put N' commands from stdin")
     args = ap.parse_args()
 
     stop = threading.Event()
@@ -55,13 +56,26 @@ def main() -> int:
     pub.start()
     say("started")
     seq = args.start_seq
-    while not stop.is_set() and (args.count == 0 or seq < args.start_seq + args.count):
-        body = json.dumps({"seq": seq, "event_id": f"{args.device}-{seq}"}).encode()
-        outbox.put(pub.topics.events, body, qos=1, kind="event")
-        say(f"put {seq}")
-        seq += 1
-        stop.wait(args.interval)
-    say("produced")
+
+    def produce(n: int) -> None:
+        nonlocal seq
+        for _ in range(n):
+            if stop.is_set():
+                return
+            body = json.dumps({"seq": seq, "event_id": f"{args.device}-{seq}"}).encode()
+            outbox.put(pub.topics.events, body, qos=1, kind="event")
+            say(f"put {seq}")
+            seq += 1
+            stop.wait(args.interval)
+        say("produced")
+
+    if args.stdin:  # commands: "put N" puts N more messages; EOF stops
+        for line in sys.stdin:
+            if line.startswith("put "):
+                produce(int(line.split()[1]))
+        stop.set()
+    else:
+        produce(args.count)
     stop.wait()
     pub.stop(timeout=5)
     outbox.close()

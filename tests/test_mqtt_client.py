@@ -113,12 +113,14 @@ def _outage_mid_stream(broker_factory, tmp_path, outbox, outage: float) -> None:
     pub.start()
     put_seqs = []
     stop_producing = threading.Event()
+    pause = threading.Lock()  # held by the test to pause the producer between two puts
 
     def produce():  # the pipeline: keeps producing through the outage
         seq = 0
         while not stop_producing.is_set():
-            outbox.put(TOPICS.events, _event(seq), qos=1)
-            put_seqs.append(seq)
+            with pause:
+                outbox.put(TOPICS.events, _event(seq), qos=1)
+                put_seqs.append(seq)
             seq += 1
             stop_producing.wait(0.005)
 
@@ -127,7 +129,12 @@ def _outage_mid_stream(broker_factory, tmp_path, outbox, outage: float) -> None:
         assert pub.wait_connected(10)
         producer.start()
         assert sub.wait(lambda: len(sub.messages) >= 50, 10)
-        broker.stop()
+        # Pause the stream and let the broker forward everything: a stopped mosquitto (no persistence)
+        # may drop messages it acknowledged but not yet forwarded to our subscriber, which is not what
+        # this test is about. The producer resumes during the outage.
+        with pause:
+            assert sub.wait(lambda: set(sub.seqs()) >= set(put_seqs), 10)
+            broker.stop()
         assert rec.wait_for("disconnected", 1, 10)
         before = len(put_seqs)
         threading.Event().wait(outage)  # the scenario: broker down this long, producer still running
@@ -180,7 +187,7 @@ class ProducerProcess:
             [sys.executable, str(ROOT / "tests" / "_producer.py"), "--db", str(tmp_path / "outbox.sqlite"),
              "--port", str(port), "--device", DEVICE, "--username", DEVICE_USER, "--password-file", str(pwfile),
              *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.puts = []
         threading.Thread(target=self._read, daemon=True).start()
@@ -208,6 +215,10 @@ class ProducerProcess:
             if pred(line):
                 return True
 
+    def command(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
     def kill9(self):
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
@@ -227,26 +238,28 @@ def test_sigkill_during_outage_loses_nothing(broker_factory, tmp_path):
     broker, gate = gated_broker(broker_factory, tmp_path)
     sub = Collector(broker.port, TOPICS.events)
     assert sub.wait_subscribed()
-    first = ProducerProcess(tmp_path, broker.port, "--interval", "0.005")
+    first = ProducerProcess(tmp_path, broker.port, "--stdin", "--interval", "0.002")
     second = None
     try:
         assert first.wait_line(lambda line: line == "status connected"), first.proc.stderr.read()
+        first.command("put 30")
+        # All delivered before the outage: a broker that is stopped may drop messages it already
+        # acknowledged but not yet forwarded to our (non-persistent) subscriber; that is not ours to test.
         assert sub.wait(lambda: len(sub.messages) >= 30, 15)
         broker.stop()
         assert first.wait_line(lambda line: line == "status disconnected")
-        n0 = len(first.puts)
-        assert first.wait_line(lambda line: line.startswith("put ") and len(first.puts) >= n0 + 100)
+        first.command("put 200")
+        assert first.wait_line(lambda line: line.startswith("put ") and len(first.puts) >= 130)
         first.kill9()  # crash while the broker is down and the outbox holds undelivered rows
         promised = set(first.puts)
-        assert len(promised) >= n0 + 100
-        assert not promised <= set(sub.seqs()), "some messages must have been queued during the outage"
+        assert len(promised) >= 130
+        assert len(promised - set(sub.seqs())) >= 100, "messages must have been queued during the outage"
 
         gate.close()
         broker.start()
         assert sub.wait_subscribed(2, timeout=15)
         gate.open()
-        second = ProducerProcess(tmp_path, broker.port, "--count", "0", "--interval", "3600", "--start-seq",
-                                 "1000000")
+        second = ProducerProcess(tmp_path, broker.port, "--stdin")  # only delivers what the outbox holds
         assert sub.wait(lambda: promised <= set(sub.seqs()), 30), \
             f"lost after SIGKILL: {sorted(promised - set(sub.seqs()))[:20]}"
     finally:
@@ -258,7 +271,7 @@ def test_sigkill_during_outage_loses_nothing(broker_factory, tmp_path):
 
 def test_will_offline_when_process_killed(broker_factory, tmp_path):
     broker, gate = gated_broker(broker_factory, tmp_path)
-    prod = ProducerProcess(tmp_path, broker.port, "--count", "1")
+    prod = ProducerProcess(tmp_path, broker.port, "--count", "1", "--interval", "0")
     try:
         assert prod.wait_line(lambda line: line == "status connected")
         assert retained_value(broker.port, TOPICS.availability) == b"online"

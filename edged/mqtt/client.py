@@ -99,7 +99,9 @@ class MqttPublisher:
         self._on_status = on_status
         self._events: Deque[Tuple[Any, ...]] = deque()  # filled by paho callbacks, drained by our thread
         self._wake = threading.Event()
-        self._online = threading.Event()  # connected and `online` published
+        self._online = threading.Event()  # connected and `online` acknowledged by the broker
+        self._session_up = False  # CONNACK success seen, no disconnect since (publisher thread only)
+        self._online_mid: Optional[int] = None
         self._stopped = threading.Event()
         self._stop_at: Optional[float] = None
         self._drain_on_stop = True
@@ -112,6 +114,7 @@ class MqttPublisher:
         self._offline_acked = False
         self._counts: Counter = Counter()
         self._last_error: Optional[str] = None
+        self._refused_pending = False
         self._stats_lock = threading.Lock()
         self._client = self._make_client(config_path)
 
@@ -237,7 +240,7 @@ class MqttPublisher:
         """One step of the shutdown sequence; True when done."""
         assert self._stop_at is not None
         now = time.monotonic()
-        online = self._online.is_set()
+        online = self._session_up
         if self._offline_mid is None:
             reserve = min(1.0, 0.3 * max(0.0, self._stop_at - now))
             has_rows = any(rid is not None for rid, _t in self._inflight.values()) or bool(
@@ -260,6 +263,7 @@ class MqttPublisher:
         except Exception:  # already disconnected
             pass
         self._client.loop_stop()
+        self._session_up = False
         self._online.clear()
 
     def _handle_events(self) -> None:
@@ -274,14 +278,18 @@ class MqttPublisher:
             elif kind == "disconnect":
                 self._handle_disconnect(ev[1])
             elif kind == "connect_fail":
-                with self._stats_lock:
-                    self._counts["connect_failed"] += 1
-                if self._counts["connect_failed"] == 1 or self._counts["connect_failed"] % 20 == 0:
-                    log.warning("mqtt: broker %s:%d unreachable, retrying (%d attempts)",
-                                self.cfg.host, self.cfg.port, self._counts["connect_failed"])
-                self._status("connect_failed", {"attempts": self._counts["connect_failed"]})
+                self._connect_failed("unreachable (TCP or TLS handshake failed)")
         if acked:
             self.outbox.ack_many(acked)
+
+    def _connect_failed(self, why: str) -> None:
+        with self._stats_lock:
+            self._counts["connect_failed"] += 1
+            self._last_error = f"connect failed: {why}"
+            n = self._counts["connect_failed"]
+        if n == 1 or n % 20 == 0:
+            log.warning("mqtt: broker %s:%d %s; retrying (%d attempts)", self.cfg.host, self.cfg.port, why, n)
+        self._status("connect_failed", {"attempts": n, "reason": why})
 
     def _handle_ack(self, mid: int, rc: Any, acked: list) -> None:
         with self._stats_lock:
@@ -292,6 +300,12 @@ class MqttPublisher:
         if row_id is None:  # our availability message
             if mid == self._offline_mid:
                 self._offline_acked = True
+            elif mid == self._online_mid and self._session_up:
+                if _rc_value(rc) >= 0x80:
+                    log.warning("mqtt: broker refused `online` on %s: %s (check the ACL)", topic, _rc_text(rc))
+                log.info("mqtt: online (window %d, %d queued)", self._window, self.outbox.depth())
+                self._online.set()
+                self._status("connected", {"reconnects": self._counts["connects"] - 1})
             return
         acked.append(row_id)
         code = _rc_value(rc)
@@ -318,24 +332,31 @@ class MqttPublisher:
                 log.warning("mqtt: %s:%d refused the connection: %s (user %s; %d times)",
                             self.cfg.host, self.cfg.port, _rc_text(rc), self.cfg.username or "-", n)
             self._status("connect_refused", {"reason": str(rc), "code": code})
+            self._refused_pending = True
             return
         server_max = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
         self._window = min(self.cfg.max_inflight, int(server_max)) if server_max else self.cfg.max_inflight
         with self._stats_lock:
             self._counts["connects"] += 1
-        # Availability first: it is published ahead of the backlog on every (re)connect.
+        self._session_up = True
+        # Availability first, on every (re)connect: the backlog follows once the broker acked it,
+        # so `connected`/wait_connected() imply a fresh subscriber sees the retained `online`.
         info = self._client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
+        self._online_mid = info.mid
         with self._stats_lock:
             self._inflight[info.mid] = (None, self.topics.availability)
-        log.info("mqtt: connected to %s:%d (window %d, %d queued)",
-                 self.cfg.host, self.cfg.port, self._window, self.outbox.depth())
-        self._online.set()
-        self._status("connected", {"reconnects": self._counts["connects"] - 1})
+        log.debug("mqtt: connected to %s:%d, publishing online", self.cfg.host, self.cfg.port)
 
     def _handle_disconnect(self, rc: Any) -> None:
-        was_online = self._online.is_set()
+        was_online = self._session_up
+        self._session_up = False
         self._online.clear()
         if not was_online:
+            # Dropped before CONNACK (e.g. TLS client certificate rejected after the handshake);
+            # a refused CONNACK was already reported as connect_refused.
+            if not self._refused_pending:
+                self._connect_failed(f"connection closed before CONNACK: {_rc_text(rc)}")
+            self._refused_pending = False
             return
         with self._stats_lock:
             self._counts["disconnects"] += 1
