@@ -348,3 +348,143 @@ def test_wrong_password_reported_not_crashing(broker_factory, tmp_path, outbox):
         assert pub._thread.is_alive()
     finally:
         pub.stop(timeout=2)
+
+
+# ------------------------------------------------------------------------------------------ payload contract
+SCHEMAS = ROOT / "edged" / "mqtt" / "schemas"
+
+
+def _validator(name: str):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _engine_with_one_person_in_zone():
+    import numpy as np
+
+    from edged.config import EventsConfig
+    from edged.events import EventEngine
+    from edged.types import TrackerStep, TrackSnapshot
+
+    cfg = EventsConfig(zones=[{"name": "left", "polygon": [[0, 0], [0.5, 0], [0.5, 1], [0, 1]]}])
+    engine = EventEngine(cfg, device_id=DEVICE, camera="cam0", class_names=["person", "car"],
+                         frame_size=(640, 480), fps=10.0, track_classes=["person", "car"])
+    snap = TrackSnapshot(track_id=7, class_id=0, box=np.array([100.0, 100.0, 200.0, 400.0]), score=0.9,
+                         velocity=np.zeros(2), hits=5, age=5, time_since_update=0)
+    events = engine.process(TrackerStep(tracks=[snap], confirmed=[7]), frame_index=3, timestamp=time.time(),
+                            stream_time=0.3)
+    return engine, events
+
+
+def test_published_payloads_match_schemas(broker_factory, tmp_path, outbox):
+    """availability, state and stats as received from the real broker honour their schemas."""
+    broker, _gate = gated_broker(broker_factory, tmp_path)
+    sub = Collector(broker.port, TOPICS.all)
+    pub = _publisher(broker.port, outbox)
+    try:
+        assert sub.wait_subscribed()
+        pub.start()
+        assert pub.wait_connected(10)
+        engine, events = _engine_with_one_person_in_zone()
+        state = engine.state()
+        assert state["classes"]["person"] == 1 and state["zones"]["left"]["total"] == 1
+        outbox.put(TOPICS.state, json.dumps(state).encode(), qos=1, retain=True, kind="state", coalesce_key="state")
+        for ev in events:
+            outbox.put(TOPICS.events, json.dumps(ev).encode(), qos=1)
+        assert sub.wait(lambda: any(m.topic == TOPICS.state for m in sub.messages), 10)
+        stats = {
+            "device": DEVICE, "ts": state["ts"], "uptime_s": 12.5, "capture_fps": 15.0, "inference_fps": 9.8,
+            "stage_ms": {"detect": 48.2, "encode": 6.1, "track": 0.9}, "dropped_frames": 3,
+            "outbox_depth": outbox.depth(), "cpu_temperature_c": None, "mqtt": pub.stats(),
+        }
+        outbox.put(TOPICS.stats, json.dumps(stats).encode(), qos=0, kind="stats", coalesce_key="stats")
+        assert sub.wait(lambda: any(m.topic == TOPICS.stats for m in sub.messages), 10)
+        by_topic = {}
+        for m in sub.messages:
+            by_topic.setdefault(m.topic, []).append(m.payload)
+        avail = _validator("availability")
+        for p in by_topic[TOPICS.availability]:
+            avail.validate(p.decode())
+        _validator("state").validate(json.loads(by_topic[TOPICS.state][-1]))
+        _validator("stats").validate(json.loads(by_topic[TOPICS.stats][-1]))
+        ev_schema = _validator("event")
+        assert [json.loads(p)["type"] for p in by_topic[TOPICS.events]] == [e["type"] for e in events]
+        for p in by_topic[TOPICS.events]:
+            ev_schema.validate(json.loads(p))
+        # the schemas reject what they must
+        with pytest.raises(Exception):
+            avail.validate("maybe")
+        bad = json.loads(by_topic[TOPICS.state][-1])
+        bad["classes"]["person"] = -1
+        with pytest.raises(Exception):
+            _validator("state").validate(bad)
+    finally:
+        pub.stop(timeout=3)
+        sub.close()
+
+
+class _J(dict):
+    """value_json as Home Assistant's templates see it: attribute access to keys."""
+
+    def __getattr__(self, key):
+        v = self[key]
+        return _J(v) if isinstance(v, dict) else v
+
+    def get(self, key, default=None):
+        v = dict.get(self, key, default)
+        return _J(v) if isinstance(v, dict) else v
+
+
+def _render(template: str, value_json: dict):
+    # Count/occupancy templates are `{{ <expression> }}` with Python-compatible expressions.
+    expr = template.strip()[2:-2].strip()
+    return eval(expr, {"__builtins__": {}}, {"value_json": _J(value_json)})  # noqa: S307 (our own template)
+
+
+def test_homeassistant_discovery(broker_factory, tmp_path, outbox):
+    from edged.config import MqttConfig
+    from edged.mqtt.homeassistant import EVENT_TYPES, discovery_messages, queue_discovery
+
+    assert discovery_messages(MqttConfig(), device_id=DEVICE, class_names=["person"]) == []  # off by default
+    cfg = MqttConfig(homeassistant={"enabled": True})
+    msgs = discovery_messages(cfg, device_id=DEVICE, class_names=["person", "traffic light"], zones=["left"],
+                              camera="cam0", sw_version="0.1")
+    broker, _gate = gated_broker(broker_factory, tmp_path)
+    pub = _publisher(broker.port, outbox)
+    pub.start()
+    try:
+        assert pub.wait_connected(10)
+        queue_discovery(outbox, msgs)
+        assert wait_until(lambda: outbox.depth() == 0, 10)
+        sub = Collector(broker.port, "homeassistant/#")  # retained: a late Home Assistant still sees them
+        try:
+            assert sub.wait(lambda: len(sub.messages) >= len(msgs), 10)
+            got = {m.topic: json.loads(m.payload) for m in sub.messages if m.retain}
+        finally:
+            sub.close()
+    finally:
+        pub.stop(timeout=3)
+    assert set(got) == {t for t, _ in msgs}
+    assert len(got) == 2 * 2 + 2 + 1  # count + occupancy per class and per zone, one event entity
+    validators = {c: _validator(f"ha_{c}") for c in ("sensor", "binary_sensor", "event")}
+    for topic, payload in got.items():
+        prefix, component, node, object_id, last = topic.split("/")
+        assert (prefix, node, last) == ("homeassistant", f"edged_{DEVICE}", "config")
+        validators[component].validate(payload)
+        assert payload["availability_topic"] == TOPICS.availability
+    assert len({p["unique_id"] for p in got.values()}) == len(got)
+    event = got[f"homeassistant/event/edged_{DEVICE}/events/config"]
+    assert event["state_topic"] == TOPICS.events and event["event_types"] == EVENT_TYPES
+    # The templates read the real state payload correctly.
+    engine, _ = _engine_with_one_person_in_zone()
+    state = json.loads(json.dumps(engine.state()))
+    node = f"homeassistant/{{}}/edged_{DEVICE}/{{}}/config"
+    assert _render(got[node.format("sensor", "person_count")]["value_template"], state) == 1
+    assert _render(got[node.format("sensor", "traffic_light_count")]["value_template"], state) == 0
+    assert _render(got[node.format("binary_sensor", "person_occupancy")]["value_template"], state) == "ON"
+    assert _render(got[node.format("binary_sensor", "car_occupancy".replace("car", "traffic_light"))]
+                   ["value_template"], state) == "OFF"
+    assert _render(got[node.format("sensor", "zone_left_count")]["value_template"], state) == 1
+    assert _render(got[node.format("binary_sensor", "zone_left_occupancy")]["value_template"], state) == "ON"
