@@ -32,37 +32,46 @@ STD_WEIGHT_VELOCITY = 1.0 / 160
 def boxes_to_xyah(boxes: np.ndarray) -> np.ndarray:
     """(N, 4) x1 y1 x2 y2 -> (N, 4) centre x, centre y, aspect w/h, height (float64)."""
     b = np.asarray(boxes, np.float64)
-    w = b[:, 2] - b[:, 0]
-    h = b[:, 3] - b[:, 1]
+    wh = b[:, 2:4] - b[:, 0:2]
     out = np.empty((b.shape[0], 4))
-    out[:, 0] = b[:, 0] + 0.5 * w
-    out[:, 1] = b[:, 1] + 0.5 * h
-    out[:, 2] = w / h
-    out[:, 3] = h
+    out[:, 0:2] = b[:, 0:2] + 0.5 * wh
+    out[:, 2] = wh[:, 0] / wh[:, 1]
+    out[:, 3] = wh[:, 1]
     return out
 
 
 def xyah_to_boxes(xyah: np.ndarray) -> np.ndarray:
     """(N, >=4) x y a h (extra columns ignored) -> (N, 4) x1 y1 x2 y2."""
-    x, y, a, h = xyah[:, 0], xyah[:, 1], xyah[:, 2], xyah[:, 3]
-    w = a * h
+    half = xyah[:, 2:4] * 0.5
+    half[:, 0] *= xyah[:, 3]
     out = np.empty((xyah.shape[0], 4))
-    out[:, 0] = x - 0.5 * w
-    out[:, 1] = y - 0.5 * h
-    out[:, 2] = x + 0.5 * w
-    out[:, 3] = y + 0.5 * h
+    np.subtract(xyah[:, 0:2], half, out=out[:, 0:2])
+    np.add(xyah[:, 0:2], half, out=out[:, 2:4])
     return out
 
 
-def _height_scaled(h: np.ndarray, weight: float, aspect_std: float) -> np.ndarray:
-    """(T, 4) variances [ (w*h)^2, (w*h)^2, aspect_std^2, (w*h)^2 ]."""
-    s = np.empty((h.shape[0], 4))
-    v = (weight * h) ** 2
-    s[:, 0] = v
-    s[:, 1] = v
-    s[:, 2] = aspect_std * aspect_std
-    s[:, 3] = v
-    return s
+def _noise(h: np.ndarray, weight: np.ndarray, const: np.ndarray) -> np.ndarray:
+    """Height-scaled variances: (h * w)^2 per coordinate, plus constant (aspect-ratio) terms."""
+    return (h * h)[:, None] * weight + const
+
+
+def _weights(position: float, aspect: float) -> Tuple[np.ndarray, np.ndarray]:
+    w = position * position
+    return np.array([w, w, 0.0, w]), np.array([0.0, 0.0, aspect * aspect, 0.0])
+
+
+_INIT_POS = _weights(2 * STD_WEIGHT_POSITION, 1e-2)
+_INIT_VEL = _weights(10 * STD_WEIGHT_VELOCITY, 1e-5)
+_Q_POS = _weights(STD_WEIGHT_POSITION, 1e-2)
+_Q_VEL = _weights(STD_WEIGHT_VELOCITY, 1e-5)
+_R = _weights(STD_WEIGHT_POSITION, 1e-1)
+# Process noise in the block layout (rows: var pos, cov pos-vel, var vel), split in h^2-scaled + constant.
+_Q_SCALED = np.stack([_Q_POS[0], np.zeros(4), _Q_VEL[0]])
+_Q_CONST = np.stack([_Q_POS[1], np.zeros(4), _Q_VEL[1]])
+# F P F^T for F = [[1, 1], [0, 1]] as a linear map on (var pos, cov, var vel).
+_PREDICT_COV = np.array([[1.0, 2.0, 1.0], [0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+_MOTION_T = np.eye(8)
+_MOTION_T[4:, :4] = np.eye(4)  # mean @ F^T: position += velocity
 
 
 def initiate(measurements: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -73,31 +82,24 @@ def initiate(measurements: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     mean[:, :4] = z
     h = z[:, 3]
     cov = np.zeros((n, 3, 4))
-    cov[:, 0] = _height_scaled(h, 2 * STD_WEIGHT_POSITION, 1e-2)
-    cov[:, 2] = _height_scaled(h, 10 * STD_WEIGHT_VELOCITY, 1e-5)
+    cov[:, 0] = _noise(h, *_INIT_POS)
+    cov[:, 2] = _noise(h, *_INIT_VEL)
     return mean, cov
 
 
 def predict(mean: np.ndarray, cov: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """One step ahead for all tracks (returns new arrays)."""
+    """One step ahead for all tracks (returns new arrays): F x, F P F^T + Q(h)."""
     h = mean[:, 3]
-    q_pos = _height_scaled(h, STD_WEIGHT_POSITION, 1e-2)
-    q_vel = _height_scaled(h, STD_WEIGHT_VELOCITY, 1e-5)
-    new_mean = mean.copy()
-    new_mean[:, :4] += mean[:, 4:]
-    p, c, v = cov[:, 0], cov[:, 1], cov[:, 2]
-    new_cov = np.empty_like(cov)
-    # F P F^T + Q with F = [[1, 1], [0, 1]] per coordinate.
-    new_cov[:, 0] = p + 2.0 * c + v + q_pos
-    new_cov[:, 1] = c + v
-    new_cov[:, 2] = v + q_vel
-    return new_mean, new_cov
+    new_cov = _PREDICT_COV @ cov
+    new_cov += (h * h)[:, None, None] * _Q_SCALED
+    new_cov += _Q_CONST
+    return mean @ _MOTION_T, new_cov
 
 
 def innovation_variance(mean: np.ndarray, cov: np.ndarray, scores: Optional[np.ndarray] = None) -> np.ndarray:
     """(T, 4) diagonal of H P H^T + R. With `scores`, R's standard deviations are scaled by
     (1 - score) (NSA Kalman of GIAOTracker / StrongSORT: confident detections are trusted more)."""
-    r = _height_scaled(mean[:, 3], STD_WEIGHT_POSITION, 1e-1)
+    r = _noise(mean[:, 3], *_R)
     if scores is not None:
         r *= ((1.0 - np.asarray(scores, np.float64)) ** 2)[:, None]
     return cov[:, 0] + r
@@ -108,19 +110,16 @@ def update(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """Measurement update of T tracks with T xyah measurements (row-aligned); returns new arrays."""
     s = innovation_variance(mean, cov, scores)
-    p, c, v = cov[:, 0], cov[:, 1], cov[:, 2]
-    k_pos = p / s
-    k_vel = c / s
+    gain = cov[:, :2] / s[:, None, :]  # (T, 2, 4): position gain, velocity gain
     innovation = measurements - mean[:, :4]
-    new_mean = np.empty_like(mean)
-    new_mean[:, :4] = mean[:, :4] + k_pos * innovation
-    new_mean[:, 4:] = mean[:, 4:] + k_vel * innovation
-    new_cov = np.empty_like(cov)
-    # P - K S K^T, block-wise.
-    new_cov[:, 0] = p - k_pos * p
-    new_cov[:, 1] = c - k_pos * c
-    new_cov[:, 2] = v - k_vel * c
+    new_mean = mean + (gain * innovation[:, None, :]).reshape(-1, 8)
+    # P - K S K^T, block-wise: var pos -= Kp p, cov -= Kp c, var vel -= Kv c.
+    new_cov = cov - gain[:, _GAIN_ROWS] * cov[:, _COV_ROWS]
     return new_mean, new_cov
+
+
+_GAIN_ROWS = np.array([0, 0, 1])
+_COV_ROWS = np.array([0, 1, 1])
 
 
 def gating_distance(mean: np.ndarray, cov: np.ndarray, measurements: np.ndarray) -> np.ndarray:

@@ -18,14 +18,14 @@ _EMPTY = np.zeros(0, np.intp)
 
 def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """(T, N) intersection over union of x1 y1 x2 y2 boxes."""
-    ix = np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0])
-    iy = np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1])
-    np.maximum(ix, 0.0, out=ix)
-    np.maximum(iy, 0.0, out=iy)
-    inter = ix * iy
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
+    lo = np.maximum(a[:, None, 0:2], b[None, :, 0:2])
+    wh = np.minimum(a[:, None, 2:4], b[None, :, 2:4])
+    wh -= lo
+    np.maximum(wh, 0.0, out=wh)
+    inter = wh[:, :, 0] * wh[:, :, 1]
+    sa = a[:, 2:4] - a[:, 0:2]
+    sb = b[:, 2:4] - b[:, 0:2]
+    union = (sa[:, 0] * sa[:, 1])[:, None] + (sb[:, 0] * sb[:, 1])[None, :] - inter
     return inter / np.maximum(union, 1e-12)
 
 
@@ -55,13 +55,18 @@ def min_cost_matching(
     forbidden pair is no worse than leaving both sides unmatched. Returns matched (row, col) indices
     into `cost` (not into the subsets).
     """
-    if rows is None:
+    if rows is None and cols is None:
+        sub = cost
         rows = np.arange(cost.shape[0])
-    if cols is None:
         cols = np.arange(cost.shape[1])
-    if rows.size == 0 or cols.size == 0:
+    else:
+        if rows is None:
+            rows = np.arange(cost.shape[0])
+        if cols is None:
+            cols = np.arange(cost.shape[1])
+        sub = cost[rows[:, None], cols[None, :]]
+    if sub.size == 0:
         return _EMPTY, _EMPTY
-    sub = cost[rows[:, None], cols[None, :]]
     if rows.size == 1 or cols.size == 1:
         # A single row/column: the assignment is the minimum; skip the solver's overhead.
         k = int(np.argmin(sub))
@@ -90,12 +95,14 @@ def matching_cascade(
     candidate = (cost <= max_distance).any(axis=1) & (levels <= max_level)
     if not candidate.any():
         return _EMPTY, _EMPTY
-    cand_rows = np.flatnonzero(candidate)
+    cand_rows = np.nonzero(candidate)[0]
     cand_levels = levels[cand_rows]
+    if cand_levels.min() == cand_levels.max():  # common case: every candidate is at the same level
+        return min_cost_matching(cost, max_distance, cand_rows, None)
     free = np.ones(cost.shape[1], bool)
     out_r, out_c = [], []
     for level in np.unique(cand_levels).tolist():
-        cols = np.flatnonzero(free)
+        cols = np.nonzero(free)[0]
         if cols.size == 0:
             break
         r, c = min_cost_matching(cost, max_distance, cand_rows[cand_levels == level], cols)

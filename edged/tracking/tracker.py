@@ -7,9 +7,10 @@ previous frame then get an IoU association with the leftovers; matched tracks ge
 unmatched tentative tracks and tracks missed more than `max_age` times are deleted; unmatched confident
 detections start tentative tracks, confirmed after `n_init` hits.
 
-Track state lives in parallel numpy arrays (one row per track, creation order), appearance in a pool
-indexed by a per-track slot, so predict, gating, costs and updates are whole-array operations; the only
-Python loop on the hot path is the cascade over distinct track ages present in the frame.
+Track state lives in one float matrix (one row per track, in creation order; columns below), appearance
+in a pool indexed by a per-track slot, so predict, gating, costs and updates are whole-array operations
+and adding or removing tracks is a single copy. The only Python loop on the hot path is the cascade over
+the distinct track ages present in the frame (usually one).
 
 Switchable improvements (see `TrackerConfig` and docs/tracker.md): EMA appearance, NSA Kalman, global
 instead of cascaded matching, appearance+motion fused cost, ByteTrack second association of
@@ -34,6 +35,14 @@ from edged.tracking.matching import (
 )
 from edged.types import Detections, TrackerStep, TrackSnapshot
 
+# Columns of the track state matrix.
+MEAN = slice(0, 8)  # x, y, a, h, vx, vy, va, vh
+COV = slice(8, 20)  # block covariance (3, 4) flattened, see kalman.py
+HITS, AGE, TSU, SCORE, ID, CLASS, SLOT, CONFIRMED = range(20, 28)
+LAST_Z = slice(28, 32)  # last real observation (x, y, a, h)
+LAST_STATE = slice(32, 52)  # mean and covariance right after it (OC-SORT re-update)
+WIDTH = 52
+
 # ByteTrack's IoU threshold for low-score detections (its second association, distance 1 - IoU).
 SECOND_ASSOCIATION_MAX_IOU_DISTANCE = 0.5
 
@@ -44,203 +53,211 @@ class Tracker:
     def __init__(self, cfg: Optional[TrackerConfig] = None):
         self.cfg = cfg or TrackerConfig()
         self._next_id = 1
-        n = 0
-        self.ids = np.zeros(n, np.int64)
-        self.class_ids = np.zeros(n, np.int64)
-        self.mean = np.zeros((n, 8))
-        self.cov = np.zeros((n, 3, 4))
-        self.hits = np.zeros(n, np.int64)
-        self.age = np.zeros(n, np.int64)
-        self.time_since_update = np.zeros(n, np.int64)
-        self.confirmed = np.zeros(n, bool)
-        self.score = np.zeros(n, np.float64)
-        self.slot = np.zeros(n, np.int64)
-        # State right after the last real observation (OC-SORT re-update).
-        self.last_z = np.zeros((n, 4))
-        self.last_mean = np.zeros((n, 8))
-        self.last_cov = np.zeros((n, 3, 4))
+        self._n = 0
+        self._state = np.zeros((32, WIDTH))
         # Appearance pool, allocated when the first features arrive.
         self._feature_dim = 0
         self._capacity = 0
         self._free_slots: List[int] = []
         self._gallery: Optional[np.ndarray] = None  # (C, B, D) nearest-neighbour gallery (original)
-        self._gallery_pos: Optional[np.ndarray] = None  # (C,) next write position
-        self._feature_sum: Optional[np.ndarray] = None  # (C, D) sum of features (gallery mode snapshot)
+        self._gallery_pos: Optional[np.ndarray] = None  # (C,) features written so far
+        self._feature_sum: Optional[np.ndarray] = None  # (C, D) sum of features (gallery-mode snapshot)
         self._ema: Optional[np.ndarray] = None  # (C, D) EMA appearance, L2-normalised
         self._has_feature: Optional[np.ndarray] = None  # (C,) any feature seen yet
 
     # ------------------------------------------------------------------------------------------ public
     def __len__(self) -> int:
-        return int(self.ids.shape[0])
+        return self._n
+
+    @property
+    def state(self) -> np.ndarray:
+        """(T, WIDTH) view of the live tracks' state (read-only use: tests, debugging)."""
+        return self._state[: self._n]
 
     def update(self, dets: Detections) -> TrackerStep:
         """Predict all tracks one frame ahead, then associate and update them with `dets`."""
         cfg = self.cfg
-        self._predict()
-
         boxes = np.asarray(dets.boxes, np.float64).reshape(-1, 4)
+        n_det = boxes.shape[0]
         scores = np.asarray(dets.scores, np.float64).reshape(-1)
         det_classes = np.asarray(dets.class_ids).reshape(-1)
-        feats = dets.features if cfg.use_appearance else None
-        n = boxes.shape[0]
-        if scores.shape[0] != n or det_classes.shape[0] != n:
+        if scores.shape[0] != n_det or det_classes.shape[0] != n_det:
             raise ValueError(
-                f"Detections: {n} boxes but {scores.shape[0]} scores and {det_classes.shape[0]} class_ids"
+                f"Detections: {n_det} boxes but {scores.shape[0]} scores and {det_classes.shape[0]} class_ids"
             )
+        feats = dets.features if cfg.use_appearance else None
         if feats is not None:
             feats = np.asarray(feats, np.float32)
-            if feats.ndim != 2 or feats.shape[0] != n:
-                raise ValueError(f"Detections: features must be ({n}, D), got {feats.shape}")
-            if n == 0 or feats.shape[1] == 0:
+            if feats.ndim != 2 or feats.shape[0] != n_det:
+                raise ValueError(f"Detections: features must be ({n_det}, D), got {feats.shape}")
+            if n_det == 0 or feats.shape[1] == 0:
                 feats = None
-            else:
+            elif self._feature_dim != feats.shape[1]:
                 self._ensure_pool(feats.shape[1])
 
+        n = self._n
+        S = self._state[:n]
+        if n:
+            self._predict(S)
+
         # Boxes without area (or not finite) cannot be filtered in (x, y, a, h) space: never used.
-        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]) & np.isfinite(boxes).all(axis=1)
+        valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        if not np.isfinite(boxes.sum()):
+            valid &= np.isfinite(boxes).all(axis=1)
         high_threshold = cfg.min_confidence
         if cfg.second_association:
             high_threshold = max(cfg.min_confidence, cfg.high_score)
-        high = valid & (scores >= high_threshold)
-        z = kalman.boxes_to_xyah(boxes) if n else np.zeros((0, 4))
+        det_free = valid & (scores >= high_threshold)
+        z = kalman.boxes_to_xyah(boxes) if n_det else np.zeros((0, 4))
 
-        n_tracks = self.ids.shape[0]
-        match_det = np.full(n_tracks, -1, np.int64)
-        det_free = high.copy()
-        track_boxes = None
-
-        if n_tracks and det_free.any():
+        match_det = np.full(n, -1, np.int64)
+        confirmed = S[:, CONFIRMED] > 0
+        tsu = S[:, TSU]
+        low_matched = _NONE
+        if n and n_det:
             # Stage 1: confirmed tracks, appearance (or IoU without features), gated by motion.
-            rows = np.flatnonzero(self.confirmed)
-            cols = np.flatnonzero(det_free)
-            if rows.size:
-                if feats is None:
-                    track_boxes = kalman.xyah_to_boxes(self.mean)
-                cost, threshold = self._first_stage_cost(rows, cols, boxes, z, det_classes, feats, track_boxes)
+            rows = np.nonzero(confirmed)[0]
+            cols = np.nonzero(det_free)[0]
+            if rows.size and cols.size:
+                cost, threshold = self._first_stage_cost(S, rows, cols, boxes, z, det_classes, feats)
                 if cfg.matching_cascade:
-                    r, c = matching_cascade(cost, self.time_since_update[rows], threshold, cfg.max_age)
+                    r, c = matching_cascade(cost, tsu[rows], threshold, cfg.max_age)
                 else:
                     r, c = min_cost_matching(cost, threshold)
-                match_det[rows[r]] = cols[c]
-                det_free[cols[c]] = False
+                if r.size:
+                    match_det[rows[r]] = cols[c]
+                    det_free[cols[c]] = False
             # Stage 2: IoU for tentative tracks and tracks missed in the previous frame only.
-            rows = np.flatnonzero((~self.confirmed | (self.time_since_update == 1)) & (match_det < 0))
-            cols = np.flatnonzero(det_free)
-            if rows.size and cols.size:
-                if track_boxes is None:
-                    track_boxes = kalman.xyah_to_boxes(self.mean)
-                r, c = self._iou_match(rows, cols, track_boxes, boxes, det_classes, cfg.max_iou_distance)
-                match_det[rows[r]] = cols[c]
-                det_free[cols[c]] = False
+            rows = np.nonzero((~confirmed | (tsu == 1)) & (match_det < 0))[0]
+            if rows.size:
+                cols = np.nonzero(det_free)[0]
+                if cols.size:
+                    r, c = self._iou_match(S, rows, cols, boxes, det_classes, cfg.max_iou_distance)
+                    if r.size:
+                        match_det[rows[r]] = cols[c]
+                        det_free[cols[c]] = False
+            if cfg.second_association:
+                # Stage 3 (ByteTrack): occluded or blurred people score low but still overlap their track.
+                rows = np.nonzero(confirmed & (tsu == 1) & (match_det < 0))[0]
+                cols = np.nonzero(valid & (scores < high_threshold) & (scores >= cfg.low_score))[0]
+                if rows.size and cols.size:
+                    r, c = self._iou_match(S, rows, cols, boxes, det_classes, SECOND_ASSOCIATION_MAX_IOU_DISTANCE)
+                    match_det[rows[r]] = cols[c]
+                    low_matched = rows[r]
 
-        low_matched = np.zeros(0, np.int64)
-        if cfg.second_association and n_tracks:
-            # Stage 3 (ByteTrack): occluded/blurred people score low but still overlap their track.
-            low = valid & ~high & (scores >= cfg.low_score)
-            rows = np.flatnonzero(self.confirmed & (self.time_since_update == 1) & (match_det < 0))
-            cols = np.flatnonzero(low)
-            if rows.size and cols.size:
-                if track_boxes is None:
-                    track_boxes = kalman.xyah_to_boxes(self.mean)
-                r, c = self._iou_match(rows, cols, track_boxes, boxes, det_classes, SECOND_ASSOCIATION_MAX_IOU_DISTANCE)
-                match_det[rows[r]] = cols[c]
-                low_matched = rows[r]
-
-        matched = np.flatnonzero(match_det >= 0)
-        if matched.size:
-            self._apply_matches(matched, match_det[matched], z, scores, feats, low_matched)
-
-        # Bookkeeping: confirmation, deletion.
-        newly_confirmed = matched[(~self.confirmed[matched]) & (self.hits[matched] >= cfg.n_init)]
+        matched = np.nonzero(match_det >= 0)[0]
         confirmed_ids: List[int] = []
-        if newly_confirmed.size:
-            self.confirmed[newly_confirmed] = True
-            confirmed_ids = self.ids[newly_confirmed].tolist()
-        missed = match_det < 0
-        dead = missed & (~self.confirmed | (self.time_since_update > cfg.max_age))
-        deleted: List[TrackSnapshot] = []
-        if dead.any():
-            gone_confirmed = np.flatnonzero(dead & self.confirmed)
-            if gone_confirmed.size:
-                deleted = self._snapshots(gone_confirmed)
-            self._remove(dead)
+        if matched.size:
+            newly = self._apply_matches(S, matched, match_det[matched], z, scores, feats, low_matched)
+            if newly.size:
+                S[newly, CONFIRMED] = 1.0
+                confirmed_ids = S[newly, ID].astype(np.int64).tolist()
 
-        new_dets = np.flatnonzero(det_free)
+        # Deletion: tentative tracks on their first miss, confirmed ones after max_age misses.
+        deleted: List[TrackSnapshot] = []
+        if n:
+            dead = (match_det < 0) & ((S[:, CONFIRMED] == 0) | (S[:, TSU] > cfg.max_age))
+            if dead.any():
+                gone = np.nonzero(dead & (S[:, CONFIRMED] > 0))[0]
+                if gone.size:
+                    deleted = self._snapshots(S[gone])
+                self._remove(dead)
+
+        new_dets = np.nonzero(det_free)[0]
         if new_dets.size:
             self._start_tracks(new_dets, z, scores, det_classes, feats)
 
-        return TrackerStep(
-            tracks=self._snapshots(np.flatnonzero(self.confirmed)),
-            confirmed=confirmed_ids,
-            deleted=deleted,
-        )
+        return TrackerStep(tracks=self.live_tracks(), confirmed=confirmed_ids, deleted=deleted)
 
     def live_tracks(self) -> List[TrackSnapshot]:
         """Confirmed tracks still alive (e.g. to emit exits at shutdown)."""
-        return self._snapshots(np.flatnonzero(self.confirmed))
+        S = self._state[: self._n]
+        return self._snapshots(S[S[:, CONFIRMED] > 0])
 
     # ------------------------------------------------------------------------------------------ stages
-    def _predict(self) -> None:
-        if self.ids.shape[0]:
-            self.mean, self.cov = kalman.predict(self.mean, self.cov)
-            self.age += 1
-            self.time_since_update += 1
+    @staticmethod
+    def _predict(S: np.ndarray) -> None:
+        n = S.shape[0]
+        mean, cov = kalman.predict(S[:, MEAN], S[:, COV].reshape(n, 3, 4))
+        S[:, MEAN] = mean
+        S[:, COV] = cov.reshape(n, 12)
+        S[:, AGE:TSU + 1] += 1.0  # age and time since update
 
-    def _first_stage_cost(self, rows, cols, boxes, z, det_classes, feats, track_boxes):
+    def _first_stage_cost(self, S, rows, cols, boxes, z, det_classes, feats):
         cfg = self.cfg
+        tracks = S[rows]
+        maha = kalman.gating_distance(tracks[:, MEAN], tracks[:, COV].reshape(-1, 3, 4), z[cols])
+        allowed = maha <= cfg.gating_threshold
+        allowed &= tracks[:, CLASS][:, None] == det_classes[cols][None, :]
+        cost = np.full(maha.shape, INFTY_COST)
+        # Only tracks with some admissible detection need an appearance / IoU cost.
+        live = np.nonzero(allowed.any(axis=1))[0]
         if feats is not None:
-            slots = self.slot[rows]
-            det_f = feats[cols]
-            if cfg.feature_ema > 0:
-                cost = cosine_distance_ema(self._ema[slots], det_f).astype(np.float64)
-            else:
-                cost = cosine_distance_gallery(self._gallery[slots], det_f).astype(np.float64)
-            # A track without any feature yet cannot be judged on appearance.
-            cost[~self._has_feature[slots]] = INFTY_COST
             threshold = cfg.max_cosine_distance
+            if live.size:
+                slots = tracks[live, SLOT].astype(np.intp)
+                det_f = feats[cols]
+                if self._ema is not None:
+                    sub = cosine_distance_ema(self._ema[slots], det_f)
+                else:
+                    used = min(self._gallery.shape[1], int(self._gallery_pos[slots].max()))
+                    sub = cosine_distance_gallery(self._gallery[slots, :used], det_f)
+                # A track without any feature yet cannot be judged on appearance.
+                sub[~self._has_feature[slots]] = INFTY_COST
+                if cfg.motion_weight > 0:
+                    sub = (1.0 - cfg.motion_weight) * sub + cfg.motion_weight * maha[live]
+                cost[live] = sub
         else:
-            cost = 1.0 - iou_matrix(track_boxes[rows], boxes[cols])
             threshold = cfg.max_iou_distance
-        maha = kalman.gating_distance(self.mean[rows], self.cov[rows], z[cols])
-        if cfg.motion_weight > 0 and feats is not None:
-            cost = (1.0 - cfg.motion_weight) * cost + cfg.motion_weight * maha
-        cost[maha > cfg.gating_threshold] = INFTY_COST
-        cost[self.class_ids[rows][:, None] != det_classes[cols][None, :]] = INFTY_COST
+            if live.size:
+                cost[live] = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks[live]), boxes[cols])
+        cost[~allowed] = INFTY_COST
         return cost, threshold
 
-    def _iou_match(self, rows, cols, track_boxes, boxes, det_classes, max_distance):
-        cost = 1.0 - iou_matrix(track_boxes[rows], boxes[cols])
-        cost[self.class_ids[rows][:, None] != det_classes[cols][None, :]] = INFTY_COST
+    @staticmethod
+    def _iou_match(S, rows, cols, boxes, det_classes, max_distance):
+        tracks = S[rows]
+        cost = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks), boxes[cols])
+        cost[tracks[:, CLASS][:, None] != det_classes[cols][None, :]] = INFTY_COST
         return min_cost_matching(cost, max_distance)
 
-    def _apply_matches(self, rows, det_idx, z, scores, feats, low_matched) -> None:
+    def _apply_matches(self, S, rows, det_idx, z, scores, feats, low_matched) -> np.ndarray:
+        """Kalman update + counters of the matched tracks; returns the rows that become confirmed."""
         cfg = self.cfg
+        tracks = S[rows]
         zm = z[det_idx]
-        mean, cov = self.mean[rows], self.cov[rows]
+        sm = scores[det_idx]
+        k = rows.size
+        mean, cov = tracks[:, MEAN], tracks[:, COV].reshape(k, 3, 4)
         if cfg.observation_reupdate:
-            gaps = self.time_since_update[rows]
+            gaps = tracks[:, TSU]
             lost = gaps > 1
             if lost.any():
+                last = tracks[lost, LAST_STATE]
+                mean = mean.copy()
+                cov = cov.copy()
                 mean[lost], cov[lost] = self._replay_virtual(
-                    self.last_mean[rows[lost]], self.last_cov[rows[lost]], self.last_z[rows[lost]], zm[lost], gaps[lost]
+                    last[:, 0:8], last[:, 8:20].reshape(-1, 3, 4), tracks[lost, LAST_Z], zm[lost], gaps[lost]
                 )
-        mean, cov = kalman.update(mean, cov, zm, scores[det_idx] if cfg.nsa_kalman else None)
-        self.mean[rows] = mean
-        self.cov[rows] = cov
+        mean, cov = kalman.update(mean, cov, zm, sm if cfg.nsa_kalman else None)
+        tracks[:, MEAN] = mean
+        tracks[:, COV] = cov.reshape(k, 12)
+        tracks[:, HITS] += 1.0
+        tracks[:, TSU] = 0.0
+        tracks[:, SCORE] = sm
         if cfg.observation_reupdate:
-            self.last_mean[rows] = mean
-            self.last_cov[rows] = cov
-            self.last_z[rows] = zm
-        self.hits[rows] += 1
-        self.time_since_update[rows] = 0
-        self.score[rows] = scores[det_idx]
+            tracks[:, LAST_Z] = zm
+            tracks[:, LAST_STATE] = tracks[:, 0:20]
+        S[rows] = tracks
         if feats is not None:
+            slots = tracks[:, SLOT].astype(np.intp)
             if low_matched.size:
                 # Low-score detections are often partly occluded: keep them out of the appearance model.
                 keep = ~np.isin(rows, low_matched)
-                rows, det_idx = rows[keep], det_idx[keep]
-            if rows.size:
-                self._add_features(self.slot[rows], feats[det_idx])
+                slots, det_idx = slots[keep], det_idx[keep]
+            if slots.size:
+                self._add_features(slots, feats[det_idx])
+        return rows[(tracks[:, CONFIRMED] == 0) & (tracks[:, HITS] >= cfg.n_init)]
 
     @staticmethod
     def _replay_virtual(mean, cov, z_last, z_new, gaps):
@@ -259,27 +276,29 @@ class Tracker:
     # ------------------------------------------------------------------------------------------ tracks
     def _start_tracks(self, det_idx, z, scores, det_classes, feats) -> None:
         k = det_idx.size
+        n = self._n
+        if n + k > self._state.shape[0]:
+            grown = np.zeros((max(2 * self._state.shape[0], n + k), WIDTH))
+            grown[:n] = self._state[:n]
+            self._state = grown
         mean, cov = kalman.initiate(z[det_idx])
-        ids = np.arange(self._next_id, self._next_id + k, dtype=np.int64)
+        new = self._state[n : n + k]
+        new[:] = 0.0
+        new[:, MEAN] = mean
+        new[:, COV] = cov.reshape(k, 12)
+        new[:, HITS] = 1.0
+        new[:, AGE] = 1.0
+        new[:, SCORE] = scores[det_idx]
+        new[:, ID] = np.arange(self._next_id, self._next_id + k)
+        new[:, CLASS] = det_classes[det_idx]
+        if self.cfg.observation_reupdate:
+            new[:, LAST_Z] = z[det_idx]
+            new[:, LAST_STATE] = new[:, 0:20]
         self._next_id += k
-        slots = np.zeros(k, np.int64)
+        self._n = n + k
         if self._feature_dim:
             slots = self._allocate_slots(k)
-        self.ids = np.concatenate([self.ids, ids])
-        self.class_ids = np.concatenate([self.class_ids, det_classes[det_idx].astype(np.int64)])
-        self.mean = np.concatenate([self.mean, mean])
-        self.cov = np.concatenate([self.cov, cov])
-        self.hits = np.concatenate([self.hits, np.ones(k, np.int64)])
-        self.age = np.concatenate([self.age, np.ones(k, np.int64)])
-        self.time_since_update = np.concatenate([self.time_since_update, np.zeros(k, np.int64)])
-        self.confirmed = np.concatenate([self.confirmed, np.zeros(k, bool)])
-        self.score = np.concatenate([self.score, scores[det_idx]])
-        self.slot = np.concatenate([self.slot, slots])
-        if self.cfg.observation_reupdate:
-            self.last_z = np.concatenate([self.last_z, z[det_idx]])
-            self.last_mean = np.concatenate([self.last_mean, mean])
-            self.last_cov = np.concatenate([self.last_cov, cov])
-        if self._feature_dim:
+            new[:, SLOT] = slots
             self._has_feature[slots] = False
             if self._gallery is not None:
                 self._gallery[slots] = 0.0
@@ -289,61 +308,50 @@ class Tracker:
                 self._add_features(slots, feats[det_idx])
 
     def _remove(self, dead: np.ndarray) -> None:
-        keep = ~dead
+        S = self._state[: self._n]
         if self._feature_dim:
-            self._free_slots.extend(self.slot[dead].tolist())
-        for name in ("ids", "class_ids", "mean", "cov", "hits", "age", "time_since_update", "confirmed", "score", "slot"):
-            setattr(self, name, getattr(self, name)[keep])
-        if self.cfg.observation_reupdate:
-            self.last_z, self.last_mean, self.last_cov = self.last_z[keep], self.last_mean[keep], self.last_cov[keep]
+            self._free_slots.extend(S[dead, SLOT].astype(np.int64).tolist())
+        kept = S[~dead]
+        self._n = kept.shape[0]
+        self._state[: self._n] = kept
 
-    def _snapshots(self, rows: np.ndarray) -> List[TrackSnapshot]:
-        if rows.size == 0:
+    def _snapshots(self, tracks: np.ndarray) -> List[TrackSnapshot]:
+        """TrackSnapshots of state rows (a copy of rows of the state matrix)."""
+        if tracks.shape[0] == 0:
             return []
-        mean = self.mean[rows]
-        boxes = kalman.xyah_to_boxes(mean)
-        velocity = mean[:, 4:6].copy()
-        features: list = [None] * rows.size
+        boxes = kalman.xyah_to_boxes(tracks)
+        velocity = tracks[:, 4:6]
+        ints = tracks[:, [ID, CLASS, HITS, AGE, TSU]].astype(np.int64).tolist()
+        scores = tracks[:, SCORE].tolist()
         if self._feature_dim:
-            slots = self.slot[rows]
+            slots = tracks[:, SLOT].astype(np.intp)
             if self._ema is not None:
                 f = self._ema[slots]
             else:
                 f = self._feature_sum[slots]
-                norm = np.linalg.norm(f, axis=1, keepdims=True)
-                f = f / np.maximum(norm, 1e-12)
-            has = self._has_feature[slots].tolist()
-            features = [row if ok else None for row, ok in zip(f, has)]
+                f = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+            features: list = [row if ok else None for row, ok in zip(f, self._has_feature[slots].tolist())]
+        else:
+            features = [None] * len(scores)
         return [
             TrackSnapshot(
-                track_id=i, class_id=c, box=b, score=s, velocity=v, hits=h, age=a, time_since_update=t, feature=f
+                track_id=i[0], class_id=i[1], box=b, score=s, velocity=v, hits=i[2], age=i[3],
+                time_since_update=i[4], feature=f,
             )
-            for i, c, b, s, v, h, a, t, f in zip(
-                self.ids[rows].tolist(),
-                self.class_ids[rows].tolist(),
-                boxes,
-                self.score[rows].tolist(),
-                velocity,
-                self.hits[rows].tolist(),
-                self.age[rows].tolist(),
-                self.time_since_update[rows].tolist(),
-                features,
-            )
+            for i, b, s, v, f in zip(ints, boxes, scores, velocity, features)
         ]
 
     # ------------------------------------------------------------------------------------------ appearance
     def _ensure_pool(self, dim: int) -> None:
-        if self._feature_dim == dim:
-            return
         if self._feature_dim:
             raise ValueError(f"Detections: feature dimension changed from {self._feature_dim} to {dim}")
         self._feature_dim = dim
-        self._capacity = 0
         self._grow(64)
         # Tracks started before features arrived get slots now.
-        if self.ids.shape[0]:
-            self.slot = self._allocate_slots(self.ids.shape[0])
-            self._has_feature[self.slot] = False
+        if self._n:
+            slots = self._allocate_slots(self._n)
+            self._state[: self._n, SLOT] = slots
+            self._has_feature[slots] = False
 
     def _grow(self, capacity: int) -> None:
         old = self._capacity
@@ -371,15 +379,18 @@ class Tracker:
             self._grow(max(2 * self._capacity, self._capacity + k))
         taken = self._free_slots[-k:]
         del self._free_slots[-k:]
-        return np.asarray(taken, np.int64)
+        return np.asarray(taken, np.intp)
 
     def _add_features(self, slots: np.ndarray, feats: np.ndarray) -> None:
         if self._ema is not None:
             alpha = self.cfg.feature_ema
             has = self._has_feature[slots]
-            new = feats.copy()
-            new[has] = alpha * self._ema[slots[has]] + (1.0 - alpha) * feats[has]
-            new /= np.maximum(np.linalg.norm(new, axis=1, keepdims=True), 1e-12)
+            if has.all():
+                new = alpha * self._ema[slots] + (1.0 - alpha) * feats
+            else:
+                new = feats.copy()
+                new[has] = alpha * self._ema[slots[has]] + (1.0 - alpha) * feats[has]
+            new /= np.sqrt(np.einsum("ij,ij->i", new, new))[:, None] + 1e-12
             self._ema[slots] = new
         else:
             budget = self._gallery.shape[1]
@@ -389,3 +400,6 @@ class Tracker:
             self._gallery_pos[slots] = pos + 1
             self._feature_sum[slots] += feats
         self._has_feature[slots] = True
+
+
+_NONE = np.zeros(0, np.intp)
