@@ -99,6 +99,17 @@ def load_interpreter(
 
         lib = EDGETPU_LIBRARY.get(platform.system(), "libedgetpu.so.1")
         try:
+            # Probe the library first: a failed load_delegate leaves a half-built Delegate whose
+            # __del__ raises later (LiteRT bug), far from here.
+            import ctypes
+
+            ctypes.CDLL(lib)
+        except OSError as exc:
+            raise ModelError(
+                f"{path}: cannot load the Edge TPU delegate: library {lib} not found ({exc}). "
+                "Install libedgetpu1-std (Coral apt repository), or set delegate: cpu."
+            ) from None
+        try:
             delegates.append(load_delegate(lib, {"device": edgetpu_device} if edgetpu_device else {}))
         except (ValueError, OSError, RuntimeError) as exc:
             raise ModelError(
@@ -351,26 +362,27 @@ def _schema() -> Any:
     return schema
 
 
-def write_metadata(path_in: PathLike, path_out: PathLike, meta: Dict[str, Any]) -> None:
+def write_metadata(path_in: PathLike, path_out: PathLike, meta: Optional[Dict[str, Any]]) -> None:
     """Copy `path_in` to `path_out` with `meta` (JSON-serialisable) as its "edged" metadata entry,
-    replacing any previous one. `path_out` may equal `path_in`."""
+    replacing any previous one (None = remove it). `path_out` may equal `path_in`."""
     import flatbuffers  # dependency of ai-edge-litert and tensorflow
 
     schema = _schema()
     buf = check_model_file(path_in)
-    payload = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    payload = b"" if meta is None else json.dumps(meta, sort_keys=True, separators=(",", ":")).encode("utf-8")
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAs(buf, 0))
     for b in model.buffers or []:
         if b.offset and b.offset > 1:
             raise ModelError(f"{path_in}: models with external (>2 GB) weight buffers are not supported")
     model.metadata = [m for m in (model.metadata or []) if _decode(m.name) != METADATA_NAME]
-    new_buffer = schema.BufferT()
-    new_buffer.data = np.frombuffer(payload, np.uint8)
-    model.buffers = list(model.buffers or []) + [new_buffer]
-    entry = schema.MetadataT()
-    entry.name = METADATA_NAME
-    entry.buffer = len(model.buffers) - 1
-    model.metadata.append(entry)
+    if meta is not None:
+        new_buffer = schema.BufferT()
+        new_buffer.data = np.frombuffer(payload, np.uint8)
+        model.buffers = list(model.buffers or []) + [new_buffer]
+        entry = schema.MetadataT()
+        entry.name = METADATA_NAME
+        entry.buffer = len(model.buffers) - 1
+        model.metadata.append(entry)
 
     # Pack weights 16-byte aligned like the converter does (the generated Pack aligns to 1 byte).
     class _AlignedBuffer(schema.BufferT):  # type: ignore[misc, valid-type]
