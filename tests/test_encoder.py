@@ -1,0 +1,229 @@
+"""Appearance encoder: real TFLite models on real crops (OSNet from ../shared, the committed default,
+a DeepSORT-style uint8 BGR model built here), shapes, normalisation, batching and bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import cv2
+import numpy as np
+import pytest
+
+from edged.config import EncoderConfig
+from edged.inference.encoder import AppearanceEncoder, ColourSpec, colour_histograms, crop_resized
+from edged.inference.runtime import ModelError, read_metadata, write_metadata
+from tests.conftest import ROOT, shared_path
+
+DEFAULT_MODEL = ROOT / "models" / "encoder.tflite"
+
+
+def _astronaut() -> np.ndarray:
+    import skimage.data
+
+    return np.ascontiguousarray(skimage.data.astronaut()[..., ::-1])  # RGB -> BGR
+
+
+def _unit_rows(x: np.ndarray) -> None:
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- default model
+@pytest.fixture(scope="module")
+def default_encoder() -> AppearanceEncoder:
+    assert DEFAULT_MODEL.exists(), f"{DEFAULT_MODEL} is committed (rebuild: scripts/build_models.sh)"
+    return AppearanceEncoder(DEFAULT_MODEL, threads=2)
+
+
+def test_default_encoder_metadata_and_skimage_crop(default_encoder: AppearanceEncoder) -> None:
+    meta = read_metadata(DEFAULT_MODEL)
+    assert meta is not None and meta["kind"] == "appearance_encoder"
+    assert default_encoder.colour is not None  # fused learned + colour descriptor
+    assert default_encoder.dim == default_encoder._learned_dim + default_encoder.colour.dim
+    image = _astronaut()
+    boxes = np.array([[150, 20, 350, 500], [0, 0, 100, 250], [400, 300, 600, 700]], float)  # last: partly outside
+    feats = default_encoder.encode(image, boxes)
+    assert feats.shape == (3, default_encoder.dim)
+    _unit_rows(feats)
+    # The same box twice embeds identically; different content does not.
+    again = default_encoder.encode(image, boxes[:1])
+    np.testing.assert_allclose(again[0], feats[0], atol=1e-6)
+    assert float(feats[0] @ feats[1]) < 0.99
+
+
+def test_from_config_resolves_default_path() -> None:
+    enc = AppearanceEncoder.from_config(EncoderConfig())
+    assert enc.model_path.resolve() == DEFAULT_MODEL.resolve()
+    assert enc.encode(_astronaut(), np.zeros((0, 4))).shape == (0, enc.dim)
+
+
+def test_batch_equals_one_by_one(default_encoder: AppearanceEncoder) -> None:
+    image = _astronaut()
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(-50, 450, (21, 2))
+    boxes = np.column_stack([xy, xy + rng.uniform(30, 200, (21, 2)) * [1, 2]])
+    batched = default_encoder.encode(image, boxes)  # 16 + 5 (batch resized)
+    single = AppearanceEncoder(DEFAULT_MODEL, batch_size=1).encode(image, boxes)
+    assert batched.shape == single.shape == (21, default_encoder.dim)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def _same_vs_different(encoder: AppearanceEncoder, frames: List[Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Tuple[float, float]:
+    """Mean cosine similarity of same-identity and different-identity crop pairs across the frames."""
+    feats, ids = [], []
+    for image, boxes, idents in frames:
+        feats.append(encoder.encode(image, boxes))
+        ids.append(idents)
+    f, i = np.concatenate(feats), np.concatenate(ids)
+    sim = f @ f.T
+    frame_of = np.concatenate([np.full(len(x), k) for k, x in enumerate(ids)])
+    cross = frame_of[:, None] != frame_of[None, :]
+    same = (i[:, None] == i[None, :]) & cross
+    diff = (i[:, None] != i[None, :]) & cross
+    assert same.any() and diff.any()
+    return float(sim[same].mean()), float(sim[diff].mean())
+
+
+def _mot17_frames(seq: str, numbers: Tuple[int, int]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    root = shared_path("data", "MOT17-mini", seq)
+    gt = np.loadtxt(root / "gt" / "gt.txt", delimiter=",")
+    out = []
+    for n in numbers:
+        rows = gt[(gt[:, 0] == n) & (gt[:, 6] == 1) & (gt[:, 7] == 1) & (gt[:, 8] >= 0.5) & (gt[:, 5] >= 64)]
+        boxes = np.column_stack([rows[:, 2], rows[:, 3], rows[:, 2] + rows[:, 4], rows[:, 3] + rows[:, 5]])
+        out.append((cv2.imread(str(root / "img1" / f"{n:06d}.jpg")), boxes, rows[:, 1].astype(int)))
+    return out
+
+
+def _tud_frames(numbers: Tuple[int, ...]) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    video = shared_path("data", "video", "MOT15-TUD-Stadtmitte.mp4")
+    gt = np.loadtxt(shared_path("data", "mot15", "TUD-Stadtmitte", "gt", "gt.txt"), delimiter=",")
+    cap = cv2.VideoCapture(str(video))
+    out = []
+    index = 0
+    while index < max(numbers):
+        ok, image = cap.read()
+        assert ok, f"{video}: could not read frame {index + 1}"
+        index += 1  # video frame index-1 = gt frame index
+        if index in numbers:
+            rows = gt[gt[:, 0] == index]
+            boxes = np.column_stack([rows[:, 2], rows[:, 3], rows[:, 2] + rows[:, 4], rows[:, 3] + rows[:, 5]])
+            out.append((image, boxes, rows[:, 1].astype(int)))
+    cap.release()
+    return out
+
+
+@pytest.mark.slow
+def test_default_encoder_separates_identities_on_real_crops(default_encoder: AppearanceEncoder) -> None:
+    for frames in (_mot17_frames("MOT17-09-FRCNN", (1, 4)), _mot17_frames("MOT17-04-FRCNN", (1, 8)), _tud_frames((10, 50))):
+        same, diff = _same_vs_different(default_encoder, frames)
+        assert same > diff + 0.05, (same, diff)
+
+
+# ---------------------------------------------------------------------------------------------- OSNet
+@pytest.mark.slow
+def test_osnet_shared_model() -> None:
+    path = shared_path("models", "nnio-osnet", "osnet_x1_0_quant.tflite")
+    enc = AppearanceEncoder(path, threads=2, batch_size=4)
+    assert enc.dim == 512
+    assert (enc.input.height, enc.input.width, enc.input.color, enc.input.layout) == (256, 128, "RGB", "NHWC")
+    image, boxes, _ = _mot17_frames("MOT17-04-FRCNN", (1, 1))[0]
+    assert len(boxes) >= 5
+    feats = enc.encode(image, boxes[:5])  # 4 + 1: batch resized
+    assert feats.shape == (5, 512)
+    _unit_rows(feats)
+    single = AppearanceEncoder(path, batch_size=1).encode(image, boxes[:5])
+    np.testing.assert_allclose(feats, single, atol=1e-5)
+    assert enc.encode(image, np.zeros((0, 4))).shape == (0, 512)
+    same, diff = _same_vs_different(enc, _mot17_frames("MOT17-09-FRCNN", (1, 4)))
+    assert same > diff + 0.05, (same, diff)
+
+
+# ---------------------------------------------------------------------------------------------- DeepSORT-style
+@pytest.fixture(scope="module")
+def deepsort_style_model(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, np.ndarray]:
+    """A real TFLite model with DeepSORT's interface: uint8 [N,128,64,3] raw BGR pixels in, 128-d out.
+    Its output is the per-channel mean pixel times a fixed 3x128 matrix, so the expected embedding of
+    any crop can be computed independently (proves channel order, no normalisation, batching)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf = pytest.importorskip("tensorflow")
+    weights = np.random.default_rng(0).normal(size=(3, 128)).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 128, 64, 3], tf.uint8, name="images")])
+    def model(images: "tf.Tensor") -> "tf.Tensor":
+        mean = tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2])
+        return tf.matmul(mean, tf.constant(weights))
+
+    flat = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model).convert()
+    path = tmp_path_factory.mktemp("deepsort") / "deepsort_style.tflite"
+    path.write_bytes(flat)
+    return path, weights
+
+
+@pytest.mark.slow
+def test_deepsort_style_uint8_bgr_model(deepsort_style_model: Tuple[Path, np.ndarray]) -> None:
+    path, weights = deepsort_style_model
+    enc = AppearanceEncoder(path, batch_size=3)
+    assert (enc.dim, enc.input.color, enc.input.height, enc.input.width) == (128, "BGR", 128, 64)
+    image = _astronaut()
+    boxes = np.array([[10, 10, 100, 200], [200, 50, 300, 400], [300, 300, 560, 560], [0, 0, 40, 40], [5, 5, 6, 6]], float)
+    feats = enc.encode(image, boxes)
+    crops = crop_resized(image, boxes, 64, 128)
+    expected = crops.reshape(len(boxes), -1, 3).astype(np.float64).mean(1) @ weights  # BGR channel order
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(feats, expected, atol=1e-4)
+    _unit_rows(feats)
+
+
+@pytest.mark.slow
+def test_metadata_of_another_kind_is_refused(deepsort_style_model: Tuple[Path, np.ndarray], tmp_path: Path) -> None:
+    path, _ = deepsort_style_model
+    detector = tmp_path / "detector.tflite"
+    write_metadata(path, detector, {"kind": "yolo", "classes": ["person"]})
+    with pytest.raises(ModelError, match="detector.tflite.*not an appearance encoder"):
+        AppearanceEncoder(detector)
+    wrong_size = tmp_path / "wrong.tflite"
+    write_metadata(path, wrong_size, {"kind": "appearance_encoder", "input": {"height": 256, "width": 128}})
+    with pytest.raises(ModelError, match="wrong.tflite.*128x256.*64x128"):
+        AppearanceEncoder(wrong_size)
+
+
+# ---------------------------------------------------------------------------------------------- colour + bad input
+def test_colour_histogram_stripes() -> None:
+    spec = ColourSpec(stripes=2, bins=(4, 2, 2), width=8, height=8, margin=0.0, sqrt=False)
+    crop = np.zeros((1, 8, 8, 3), np.uint8)
+    crop[0, :4] = (255, 0, 0)  # top half pure blue (BGR), bottom half black
+    h = colour_histograms(crop, spec).reshape(2, 8)
+    np.testing.assert_allclose(h.sum(1), 3.0)  # H, S and V histograms each sum to 1 per stripe
+    assert h[0, 2] == 1.0 and h[0, 4 + 1] == 1.0 and h[0, 6 + 1] == 1.0  # blue: hue 120/180 -> bin 2, saturated, bright
+    assert h[1, 0] == 1.0 and h[1, 4] == 1.0 and h[1, 6] == 1.0  # black: hue 0, saturation 0, value 0
+
+
+def test_missing_and_non_tflite_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="nope.tflite.*not found"):
+        AppearanceEncoder(tmp_path / "nope.tflite")
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"this is not a flatbuffer at all")
+    with pytest.raises(ModelError, match="junk.tflite.*not a TFLite model"):
+        AppearanceEncoder(junk)
+    truncated = tmp_path / "truncated.tflite"
+    truncated.write_bytes(DEFAULT_MODEL.read_bytes()[:5000])
+    with pytest.raises(ModelError, match="truncated.tflite"):
+        AppearanceEncoder(truncated)
+
+
+def test_bad_image_and_boxes(default_encoder: AppearanceEncoder) -> None:
+    image = _astronaut()
+    box = np.array([[10, 10, 60, 120]], float)
+    with pytest.raises(ValueError, match="encoder.tflite.*HxWx3"):
+        default_encoder.encode(image[..., 0], box)
+    with pytest.raises(ValueError, match="encoder.tflite.*uint8"):
+        default_encoder.encode(image.astype(np.float32), box)
+    with pytest.raises(ValueError, match="encoder.tflite.*numpy array"):
+        default_encoder.encode([[1, 2, 3]], box)
+    with pytest.raises(ValueError, match="encoder.tflite.*\\(N, 4\\)"):
+        default_encoder.encode(image, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="encoder.tflite.*NaN"):
+        default_encoder.encode(image, np.array([[0, 0, np.nan, 5]]))
