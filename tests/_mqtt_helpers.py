@@ -73,7 +73,11 @@ class Gate:
         self.broker = None
 
     def conf(self, port: int) -> List[str]:
-        return [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {self.path}"]
+        # max_queued_messages 0: mosquitto queues at most 1000 messages per subscriber by default and
+        # silently drops the rest; a backlog drained after a long outage would overflow our Python
+        # subscriber's queue, a loss between broker and subscriber that is not the device's.
+        return [f"listener {port} 127.0.0.1", "allow_anonymous false", f"password_file {self.path}",
+                "max_queued_messages 0"]
 
     def close(self) -> None:
         self.path.write_bytes(self._closed.read_bytes())
@@ -115,6 +119,8 @@ class Collector:
         self.topic = topic
         self.qos = qos
         self.messages: List[mqtt.MQTTMessage] = []
+        self.seq_list: List[int] = []  # "seq" of JSON payloads, parsed once on arrival
+        self.seq_set: set = set()
         self.cond = threading.Condition()
         self.subscribed_count = 0
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -135,8 +141,17 @@ class Collector:
             self.cond.notify_all()
 
     def _on_message(self, client, userdata, msg) -> None:
+        seq = None
+        try:
+            body = json.loads(msg.payload)
+            seq = body.get("seq") if isinstance(body, dict) else None
+        except ValueError:
+            pass
         with self.cond:
             self.messages.append(msg)
+            if isinstance(seq, int):
+                self.seq_list.append(seq)
+                self.seq_set.add(seq)
             self.cond.notify_all()
 
     def wait(self, pred: Callable[[], bool], timeout: float) -> bool:
@@ -152,7 +167,7 @@ class Collector:
 
     def seqs(self) -> List[int]:
         with self.cond:
-            return [json.loads(m.payload)["seq"] for m in self.messages]
+            return list(self.seq_list)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -105,6 +105,7 @@ class MqttPublisher:
         self._stopped = threading.Event()
         self._stop_at: Optional[float] = None
         self._drain_on_stop = True
+        self._stop_reserve = 1.0
         self._thread: Optional[threading.Thread] = None
         # mid -> (row id or None for our own availability messages, topic)
         self._inflight: Dict[int, Tuple[Optional[int], str]] = {}
@@ -179,6 +180,8 @@ class MqttPublisher:
         if self._thread is None:
             return
         self._drain_on_stop = drain
+        # time kept for `offline` and its PUBACK after draining
+        self._stop_reserve = min(1.0, 0.3 * max(0.0, timeout))
         self._stop_at = time.monotonic() + max(0.0, timeout)
         self._wake.set()
         self._thread.join(timeout + 5.0)
@@ -242,18 +245,18 @@ class MqttPublisher:
         now = time.monotonic()
         online = self._session_up
         if self._offline_mid is None:
-            reserve = min(1.0, 0.3 * max(0.0, self._stop_at - now))
             has_rows = any(rid is not None for rid, _t in self._inflight.values()) or bool(
                 self.outbox.peek(1, after_id=self._cursor)
             )
-            if online and self._drain_on_stop and has_rows and now < self._stop_at - reserve:
+            if self._online.is_set() and self._drain_on_stop and has_rows and now < self._stop_at - self._stop_reserve:
                 self._fill_window()
                 return False
             if not online:
                 return True
             info = self._client.publish(self.topics.availability, OFFLINE, qos=1, retain=True)
             self._offline_mid = info.mid
-            self._inflight[info.mid] = (None, self.topics.availability)
+            with self._stats_lock:
+                self._inflight[info.mid] = (None, self.topics.availability)
             return False
         return self._offline_acked or not online or now >= self._stop_at
 
