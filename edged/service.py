@@ -140,6 +140,7 @@ class Daemon:
         self.last_frame_at = 0.0
         self.errors: List[str] = []
         self.latest: Dict[str, Any] = {}  # newest frame + tracks for the debug web view
+        self._rate_mark = (time.monotonic(), 0)
         self._threads: List[threading.Thread] = []
         self._state_lock = threading.Lock()
 
@@ -173,6 +174,7 @@ class Daemon:
             frame_size=size,
             fps=fps,
             next_seq=self.seq,
+            track_classes=list(cfg.detector.classes),
         )
         self.engine = None
         self.outbox = None
@@ -185,13 +187,13 @@ class Daemon:
             from edged.mqtt.client import MqttPublisher
             from edged.mqtt.outbox import Outbox
 
-            ob = cfg.mqtt.outbox
-            self.outbox = Outbox(self.state_dir / "outbox.sqlite3", max_rows=ob.max_rows, max_bytes=ob.max_bytes, drop=ob.drop)
+            self.outbox = Outbox.from_config(cfg.mqtt.outbox, self.state_dir / "outbox.sqlite3")
             self.publisher = MqttPublisher(
                 cfg.mqtt,
                 device_id=cfg.device_id,
                 outbox=self.outbox,
                 password=read_password(cfg.mqtt, self.config_path),
+                config_path=self.config_path,
             )
         self.det_queue: "queue.Queue[Any]" = queue.Queue(maxsize=4)
         self.mot_fh = open(self.mot_out, "w") if self.mot_out else None
@@ -225,20 +227,30 @@ class Daemon:
 
     def stats(self) -> Dict[str, Any]:
         cap = self.capture.stats() if hasattr(self, "capture") else {}
-        pub = self.publisher.stats() if self.publisher is not None else {}
-        return {
+        pub = self.publisher.stats() if self.publisher is not None else None
+        now = time.monotonic()
+        prev_t, prev_n = self._rate_mark
+        inference_fps = (self.frames_processed - prev_n) / (now - prev_t) if now > prev_t else 0.0
+        if now - prev_t >= 1.0:
+            self._rate_mark = (now, self.frames_processed)
+        out = {
             "device": self.cfg.device_id,
             "version": __version__,
             "ts": _iso_now(),
             "uptime_s": round(time.time() - self.started_at, 1),
+            "capture_fps": round(float(cap.get("fps", 0.0) or 0.0), 2),
+            "inference_fps": round(max(0.0, inference_fps), 2),
+            "dropped_frames": int(cap.get("dropped", 0) or 0),
             "frames_processed": self.frames_processed,
             "events": self.events_emitted,
             "capture": cap,
             "stage_ms": self.timer.snapshot(),
             "outbox_depth": self.outbox.depth() if self.outbox is not None else 0,
-            "mqtt": pub,
             "cpu_temperature_c": cpu_temperature(),
         }
+        if pub is not None:
+            out["mqtt"] = pub
+        return out
 
     # ------------------------------------------------------------------------------------ stages
     def _inference_loop(self) -> None:
@@ -270,7 +282,7 @@ class Daemon:
             self.det_queue.put(_END)
 
     def _tracking_loop(self) -> None:
-        last_state = None
+        published_state = -1
         try:
             while True:
                 item = self.det_queue.get()
@@ -285,10 +297,9 @@ class Daemon:
                 t1 = time.perf_counter()
                 events = self.engine.process(step, frame_index=frame.index, timestamp=frame.timestamp, stream_time=frame.stream_time)
                 self._emit_events(events)
-                state = self.engine.state()
-                if state.get("counts") != (last_state or {}).get("counts") or last_state is None:
+                if self.engine.state_version != published_state:
+                    published_state = self.engine.state_version
                     self._emit_state()
-                    last_state = state
                 self.timer.add("track", (t1 - t0) * 1e3)
                 self.timer.add("events", (time.perf_counter() - t1) * 1e3)
                 if self.mot_fh is not None:
