@@ -134,16 +134,17 @@ class _Sub:
         self.c.loop_stop()
 
 
-def bench_delivery(port: int, rows: int, workdir: Path, rate: float, max_inflight: int) -> dict:
+def bench_delivery(port: int, rows: int, workdir: Path, rate: float, max_inflight: int, max_rate: float = 0.0) -> dict:
     topic = "edged/bench/events"
     ob = Outbox(workdir / "deliver.sqlite", max_rows=10 * rows, max_bytes=1 << 30)
     sub = _Sub(port, topic)
     assert sub.ready.wait(10)
-    cfg = MqttConfig(host="127.0.0.1", port=port, max_inflight=max_inflight, reconnect_min_s=0.1, reconnect_max_s=1)
+    cfg = MqttConfig(host="127.0.0.1", port=port, max_inflight=max_inflight, max_rate=max_rate,
+                     reconnect_min_s=0.1, reconnect_max_s=1)
     pub = MqttPublisher(cfg, device_id="bench", outbox=ob)
     pub.start()
     assert pub.wait_connected(10)
-    out = {"max_inflight": max_inflight, "window": pub._window}
+    out = {"max_inflight": max_inflight, "window": pub._window, "max_rate": max_rate}
     # burst
     t0 = time.perf_counter()
     for i in range(rows):
@@ -186,6 +187,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, default=None, help="use a running broker instead of a private one")
     ap.add_argument("--rate", type=float, default=100.0, help="paced rows per second for the latency run")
     ap.add_argument("--max-inflight", type=int, default=20)
+    ap.add_argument("--max-rate", type=float, default=0.0, help="mqtt.max_rate for the delivery run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="edged-bench-"))
@@ -197,7 +199,8 @@ def main() -> int:
         port = args.port
         if port is None:
             proc, port = _start_mosquitto(workdir)
-        res["delivery"] = bench_delivery(port, args.rows, workdir, args.rate, args.max_inflight)
+        res["delivery"] = bench_delivery(port, args.rows, workdir, args.rate, args.max_inflight,
+                                         args.max_rate)
     finally:
         if proc is not None:
             proc.terminate()

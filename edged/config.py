@@ -238,6 +238,11 @@ class MqttConfig(_Section):
     max_inflight: int = Field(
         20, ge=1, le=1000, description="Unacknowledged QoS 1/2 publishes at once (capped by the broker's limit)."
     )
+    max_rate: float = Field(
+        0.0, ge=0.0, le=100000.0,
+        description="Publishes per second at most, 0 = unlimited. Paces the backlog sent after an outage so "
+        "slow subscribers keep up (mosquitto drops beyond max_queued_messages, default 1000, per subscriber).",
+    )
     tls: TlsConfig = TlsConfig()
     outbox: OutboxConfig = OutboxConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()

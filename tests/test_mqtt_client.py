@@ -488,3 +488,19 @@ def test_homeassistant_discovery(broker_factory, tmp_path, outbox):
                    ["value_template"], state) == "OFF"
     assert _render(got[node.format("sensor", "zone_left_count")]["value_template"], state) == 1
     assert _render(got[node.format("binary_sensor", "zone_left_occupancy")]["value_template"], state) == "ON"
+
+
+def test_rate_limited_backlog_still_complete_and_ordered(broker_factory, tmp_path, outbox):
+    """mqtt.max_rate paces the backlog (the rate itself is measured in bench/bench_outbox.py)."""
+    broker, _gate = gated_broker(broker_factory, tmp_path)
+    sub = Collector(broker.port, TOPICS.events)
+    assert sub.wait_subscribed()
+    outbox.put_many([(TOPICS.events, _event(i), 1, False, "event", None) for i in range(150)])
+    pub = _publisher(broker.port, outbox, max_rate=300.0)
+    pub.start()
+    try:
+        assert sub.wait(lambda: len(sub.seq_list) >= 150, 20)
+        assert sub.seqs() == list(range(150))
+    finally:
+        pub.stop(timeout=3)
+        sub.close()

@@ -111,6 +111,11 @@ class MqttPublisher:
         self._inflight: Dict[int, Tuple[Optional[int], str]] = {}
         self._cursor = 0  # highest outbox row id handed to paho
         self._window = cfg.max_inflight
+        # token bucket for mqtt.max_rate (publishes per second; 0 = unlimited)
+        self._rate = float(getattr(cfg, "max_rate", 0.0) or 0.0)
+        self._tokens = float(max(1.0, min(self._rate, cfg.max_inflight)))
+        self._tokens_at = time.monotonic()
+        self._next_token_in: Optional[float] = None
         self._offline_mid: Optional[int] = None
         self._offline_acked = False
         self._counts: Counter = Counter()
@@ -224,8 +229,12 @@ class MqttPublisher:
     def _run(self) -> None:
         try:
             while True:
-                remaining = None if self._stop_at is None else self._stop_at - time.monotonic()
-                self._wake.wait(0.5 if remaining is None else max(0.0, min(0.5, remaining)))
+                timeout = 0.5
+                if self._next_token_in is not None:
+                    timeout = min(timeout, self._next_token_in)
+                if self._stop_at is not None:
+                    timeout = max(0.0, min(timeout, self._stop_at - time.monotonic()))
+                self._wake.wait(timeout)
                 self._wake.clear()
                 self._handle_events()
                 if self._stop_at is None:
@@ -369,12 +378,31 @@ class MqttPublisher:
                     self.cfg.host, self.cfg.port, _rc_text(rc), self.outbox.depth())
         self._status("disconnected", {"reason": str(rc)})
 
+    def _rate_room(self) -> int:
+        """Publishes the rate limit allows now; sets when to look again if none."""
+        self._next_token_in = None
+        if self._rate <= 0:
+            return 1 << 30
+        now = time.monotonic()
+        burst = max(1.0, min(self._rate, float(self._window)))
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            self._next_token_in = (1.0 - self._tokens) / self._rate
+            return 0
+        return int(self._tokens)
+
     def _fill_window(self) -> None:
-        room = self._window - len(self._inflight)
+        room = min(self._window - len(self._inflight), self._rate_room())
         if room <= 0:
             return
         drop = []
-        for row in self.outbox.peek(room, after_id=self._cursor):
+        rows = self.outbox.peek(room, after_id=self._cursor)
+        if self._rate > 0:
+            self._tokens -= len(rows)
+            if rows and self._tokens < 1.0:
+                self._next_token_in = (1.0 - self._tokens) / self._rate
+        for row in rows:
             try:
                 info = self._client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
             except ValueError as exc:  # paho refuses the topic/payload itself: it can never succeed
