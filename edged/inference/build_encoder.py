@@ -178,15 +178,22 @@ def build_encoder(
     colour: Optional[ColourSpec] = DEFAULT_COLOUR,
     quantize: bool = True,
     calibration_count: int = 256,
+    calibration_rgb: Optional[np.ndarray] = None,
 ) -> Dict[str, Any]:
-    """Write the encoder .tflite (with its edged metadata) to `out`; returns the metadata."""
+    """Write the encoder .tflite (with its edged metadata) to `out`; returns the metadata.
+    calibration_rgb: (N, height, width, 3) uint8 RGB crops to calibrate on instead of the sample photos."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from edged.inference.runtime import write_metadata
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path, weights_path = resolve_weights(Path(weights), Path(cfg) if cfg else None, Path(tmp))
         model = build_backbone(cfg_path, weights_path, upto_layer=upto_layer, height=height, width=width, stripes=stripes)
-        flat = to_int8_tflite(model, calibration_crops(height, width, calibration_count)) if quantize else to_float_tflite(model)
+        calib_note = f"{calibration_count} crops of scikit-image sample photographs"
+        if calibration_rgb is None:
+            calibration_rgb = calibration_crops(height, width, calibration_count)
+        else:
+            calib_note = f"{len(calibration_rgb)} user-supplied crops"
+        flat = to_int8_tflite(model, calibration_rgb) if quantize else to_float_tflite(model)
         meta: Dict[str, Any] = {
             "kind": METADATA_KIND,
             "name": f"yolov3-tiny-l{upto_layer}-stripes{stripes}" + ("-hsv" if colour else ""),
@@ -196,7 +203,7 @@ def build_encoder(
                 "cfg_sha256": _sha256(cfg_path),
                 "upto_layer": upto_layer,
                 "quantized": "int8 (uint8 in, int8 out)" if quantize else "float32",
-                "calibration": f"{calibration_count} crops of scikit-image sample photographs" if quantize else None,
+                "calibration": calib_note if quantize else None,
             },
             # Darknet networks take RGB / 255; the uint8 input's scale 1/255 makes that raw pixels.
             "input": {"layout": "NHWC", "height": height, "width": width, "color": "RGB", "mean": [0.0, 0.0, 0.0], "std": [255.0, 255.0, 255.0]},
@@ -227,6 +234,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
     p.add_argument("--colour-weight", type=float, default=DEFAULT_COLOUR.weight, help="weight of the HSV stripe histogram (0 = none)")
     p.add_argument("--float", action="store_true", help="float32 model instead of full int8")
+    p.add_argument("--calib-count", type=int, default=256, help="calibration crops of the sample photographs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -238,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         meta = build_encoder(
             args.out, args.weights, args.cfg, upto_layer=args.upto_layer, height=args.height, width=args.width,
-            stripes=args.stripes, colour=colour, quantize=not args.float,
+            stripes=args.stripes, colour=colour, quantize=not args.float, calibration_count=args.calib_count,
         )
     except BuildError as exc:
         print(f"edged models build-encoder: {exc}", file=sys.stderr)
