@@ -122,10 +122,15 @@ _GAIN_ROWS = np.array([0, 0, 1])
 _COV_ROWS = np.array([0, 1, 1])
 
 
-def gating_distance(mean: np.ndarray, cov: np.ndarray, measurements: np.ndarray) -> np.ndarray:
-    """(T, N) squared Mahalanobis distance of every measurement to every track's projected state."""
+def gating_distance(
+    mean: np.ndarray, cov: np.ndarray, measurements: np.ndarray, only_position: bool = False
+) -> np.ndarray:
+    """(T, N) squared Mahalanobis distance of every measurement to every track's projected state
+    (over x, y only with `only_position`: compare with CHI2INV95[2] then)."""
     s = innovation_variance(mean, cov)
-    d = measurements[None, :, :] - mean[:, None, :4]
+    if only_position:
+        s, mean, measurements = s[:, :2], mean[:, :2], measurements[:, :2]
+    d = measurements[None, :, :] - mean[:, None, : s.shape[1]]
     d *= d
     d *= (1.0 / s)[:, None, :]
     return d.sum(axis=2)

@@ -63,6 +63,7 @@ class Tracker:
         self._gallery_pos: Optional[np.ndarray] = None  # (C,) features written so far
         self._feature_sum: Optional[np.ndarray] = None  # (C, D) sum of features (gallery-mode snapshot)
         self._ema: Optional[np.ndarray] = None  # (C, D) EMA appearance, L2-normalised
+        self._feature_count: Optional[np.ndarray] = None  # (C,) features integrated in the EMA
         self._has_feature: Optional[np.ndarray] = None  # (C,) any feature seen yet
 
     # ------------------------------------------------------------------------------------------ public
@@ -132,7 +133,12 @@ class Tracker:
             if rows.size:
                 cols = np.nonzero(det_free)[0]
                 if cols.size:
-                    r, c = self._iou_match(S, rows, cols, boxes, det_classes, cfg.max_iou_distance)
+                    appearance = None
+                    if feats is not None and cfg.iou_stage_max_cosine < 2.0:
+                        appearance = self._appearance_cost(S[rows, SLOT].astype(np.intp), feats[cols])
+                        # Only confirmed tracks are held to their appearance (tentative ones have little).
+                        appearance[~confirmed[rows]] = 0.0
+                    r, c = self._iou_match(S, rows, cols, boxes, det_classes, cfg.max_iou_distance, appearance)
                     if r.size:
                         match_det[rows[r]] = cols[c]
                         det_free[cols[c]] = False
@@ -164,6 +170,13 @@ class Tracker:
                 self._remove(dead)
 
         new_dets = np.nonzero(det_free)[0]
+        if new_dets.size and matched.size and cfg.birth_max_iou < 1.0:
+            # A second box on an already tracked object (no NMS upstream, part + whole body) would
+            # start a duplicate track that later steals the object's identity.
+            taken = match_det[matched]
+            overlap = iou_matrix(boxes[new_dets], boxes[taken])
+            overlap[det_classes[new_dets][:, None] != det_classes[taken][None, :]] = 0.0
+            new_dets = new_dets[overlap.max(axis=1) <= cfg.birth_max_iou]
         if new_dets.size:
             self._start_tracks(new_dets, z, scores, det_classes, feats)
 
@@ -186,8 +199,10 @@ class Tracker:
     def _first_stage_cost(self, S, rows, cols, boxes, z, det_classes, feats):
         cfg = self.cfg
         tracks = S[rows]
-        maha = kalman.gating_distance(tracks[:, MEAN], tracks[:, COV].reshape(-1, 3, 4), z[cols])
-        allowed = maha <= cfg.gating_threshold
+        maha = kalman.gating_distance(
+            tracks[:, MEAN], tracks[:, COV].reshape(-1, 3, 4), z[cols], cfg.gate_position_only
+        )
+        allowed = maha <= (kalman.CHI2INV95[2] if cfg.gate_position_only else cfg.gating_threshold)
         allowed &= tracks[:, CLASS][:, None] == det_classes[cols][None, :]
         cost = np.full(maha.shape, INFTY_COST)
         # Only tracks with some admissible detection need an appearance / IoU cost.
@@ -214,11 +229,21 @@ class Tracker:
         cost[~allowed] = INFTY_COST
         return cost, threshold
 
-    @staticmethod
-    def _iou_match(S, rows, cols, boxes, det_classes, max_distance):
+    def _appearance_cost(self, slots, det_f):
+        if self._ema is not None:
+            sub = cosine_distance_ema(self._ema[slots], det_f)
+        else:
+            used = max(1, min(self._gallery.shape[1], int(self._gallery_pos[slots].max())))
+            sub = cosine_distance_gallery(self._gallery[slots, :used], det_f)
+        sub[~self._has_feature[slots]] = 0.0
+        return sub
+
+    def _iou_match(self, S, rows, cols, boxes, det_classes, max_distance, appearance=None):
         tracks = S[rows]
         cost = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks), boxes[cols])
         cost[tracks[:, CLASS][:, None] != det_classes[cols][None, :]] = INFTY_COST
+        if appearance is not None:
+            cost[appearance > self.cfg.iou_stage_max_cosine] = INFTY_COST
         return min_cost_matching(cost, max_distance)
 
     def _apply_matches(self, S, rows, det_idx, z, scores, feats, low_matched) -> np.ndarray:
@@ -300,6 +325,8 @@ class Tracker:
             slots = self._allocate_slots(k)
             new[:, SLOT] = slots
             self._has_feature[slots] = False
+            if self._ema is not None:
+                self._feature_count[slots] = 0.0
             if self._gallery is not None:
                 self._gallery[slots] = 0.0
                 self._gallery_pos[slots] = 0
@@ -352,6 +379,8 @@ class Tracker:
             slots = self._allocate_slots(self._n)
             self._state[: self._n, SLOT] = slots
             self._has_feature[slots] = False
+            if self._ema is not None:
+                self._feature_count[slots] = 0.0
 
     def _grow(self, capacity: int) -> None:
         old = self._capacity
@@ -366,6 +395,7 @@ class Tracker:
         self._has_feature = grown(self._has_feature, (capacity,), bool)
         if self.cfg.feature_ema > 0:
             self._ema = grown(self._ema, (capacity, d), np.float32)
+            self._feature_count = grown(self._feature_count, (capacity,), np.float64)
         else:
             budget = self.cfg.nn_budget or 1000
             self._gallery = grown(self._gallery, (capacity, budget, d), np.float32)
@@ -383,15 +413,14 @@ class Tracker:
 
     def _add_features(self, slots: np.ndarray, feats: np.ndarray) -> None:
         if self._ema is not None:
-            alpha = self.cfg.feature_ema
-            has = self._has_feature[slots]
-            if has.all():
-                new = alpha * self._ema[slots] + (1.0 - alpha) * feats
-            else:
-                new = feats.copy()
-                new[has] = alpha * self._ema[slots[has]] + (1.0 - alpha) * feats[has]
+            # Bias-corrected EMA: a plain mean over the first 1 / (1 - momentum) features, so the first
+            # (often partial or occluded) view does not dominate the track's appearance for long.
+            count = self._feature_count[slots]
+            alpha = np.minimum(self.cfg.feature_ema, count / (count + 1.0))[:, None]
+            new = alpha * self._ema[slots] + (1.0 - alpha) * feats
             new /= np.sqrt(np.einsum("ij,ij->i", new, new))[:, None] + 1e-12
             self._ema[slots] = new
+            self._feature_count[slots] = count + 1
         else:
             budget = self._gallery.shape[1]
             pos = self._gallery_pos[slots]
