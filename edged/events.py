@@ -360,8 +360,7 @@ class EventEngine:
                 tr.last_box = np.asarray(snap.box, np.float64).copy()
                 tr.last_score = float(snap.score)
                 tr.velocity = np.nan_to_num(np.asarray(snap.velocity, np.float64))
-                b = tr.last_box
-                tr.last_point = (round(float((b[0] + b[2]) * 0.5 / self.width), 4), round(float(b[3] / self.height), 4))
+                tr.last_point = self._foot(tr.last_box)
                 if snap.feature is not None:
                     tr.feature = snap.feature
             events += self._end_track(tr, snap, "shutdown", frame)
@@ -431,6 +430,12 @@ class EventEngine:
         if self._fps is not None:
             return self._fps
         return 1.0 / self._dt_estimate if self._dt_estimate else None
+
+    def _foot(self, box: np.ndarray) -> Tuple[float, float]:
+        """Normalised bottom-centre of a pixel box, clipped to the frame, 4 decimals."""
+        x = min(max(float((box[0] + box[2]) * 0.5 / self.width), 0.0), 1.0)
+        y = min(max(float(box[3] / self.height), 0.0), 1.0)
+        return (round(x, 4), round(y, 4))
 
     def _class_row(self, class_id: int) -> int:
         return class_id if 0 <= class_id < len(self.class_names) else len(self.class_names)
