@@ -325,13 +325,18 @@ def colour_only(spec: "ColourSpec") -> EncodeFn:
     return encode
 
 
-def tflite_encoder(path: Path, threads: int, colour_weight: Optional[float] = None, learned_only: bool = False) -> EncodeFn:
-    """AppearanceEncoder on `path`; colour_weight overrides the fused histogram's weight from the metadata."""
+def tflite_encoder(path: Path, threads: int, colour_weight: Optional[float] = None, learned_only: bool = False,
+                   add_colour: Optional[ColourSpec] = None, batch_size: int = 16) -> EncodeFn:
+    """AppearanceEncoder on `path`; colour_weight overrides the fused histogram's weight from the metadata,
+    add_colour fuses a histogram into a model without one (as `build-encoder --from` would)."""
     from dataclasses import replace
 
     from edged.inference.encoder import AppearanceEncoder
 
-    enc = AppearanceEncoder(path, threads=threads)
+    enc = AppearanceEncoder(path, threads=threads, batch_size=batch_size)
+    if add_colour is not None:
+        enc.colour = add_colour
+        enc.dim = enc._learned_dim + add_colour.dim
     if learned_only:
         enc.colour = None
         enc.dim = enc._learned_dim
@@ -348,6 +353,10 @@ def build_candidates(names: List[str], threads: int, workdir: Path) -> Dict[str,
     for name in names:
         if name == "osnet":
             out["OSNet x1.0 int8 (shared, 512-d)"] = tflite_encoder(SHARED / "models" / "nnio-osnet" / "osnet_x1_0_quant.tflite", threads)
+        elif name == "osnet-hsv":
+            for w in (1.0, 2.0):
+                out[f"fused OSNet + HSV6 (w_colour {w})"] = tflite_encoder(
+                    SHARED / "models" / "nnio-osnet" / "osnet_x1_0_quant.tflite", threads, add_colour=ColourSpec(weight=w))
         elif name == "hsv4":
             out["HSV hist 4 stripes (floor)"] = colour_only(floor)
         elif name == "hsv6":
@@ -388,6 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--candidates", default="hsv4,hsv6,osnet,mobilenetv2,yolo,yolo-float,yolo-calib-real,default")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/edged-bench-encoder"))
+    parser.add_argument("--speed-only", action="store_true", help="only ms per crop (8 crops per call and 1)")
     args = parser.parse_args(argv)
     if not SHARED.exists():
         print(f"needs {SHARED}", file=sys.stderr)
@@ -398,6 +408,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         crops = sum(len(b) for b in s.boxes.values())
         print(f"# set {s.name}: {len(s.frames)} frames, {crops} visible gt crops, {len(s.pairs)} query frames")
     cands = build_candidates(args.candidates.split(","), args.threads, args.workdir)
+    if args.speed_only:
+        print(f"| candidate | ms/crop, 8 crops per call | ms, 1 crop per call | ({args.threads} threads) |")
+        print("|---|---|---|---|")
+        for name, fn in cands.items():
+            print(f"| {name} | {ms_per_crop(fn, sets[0], batch=8, rounds=25):.2f} | {ms_per_crop(fn, sets[0], batch=1, rounds=50):.2f} | |", flush=True)
+        return 0
     header = "| candidate | " + " | ".join(f"{s.name} rank-1 | mAP" for s in sets) + f" | ms/crop ({args.threads} thr) |"
     print(header)
     print("|" + "---|" * (2 + 2 * len(sets)))
