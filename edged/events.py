@@ -21,8 +21,8 @@ from __future__ import annotations
 import base64
 import itertools
 import math
+import os
 import time
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -88,25 +88,15 @@ class _Frame:
 
 
 class _Track:
-    """Per-track values that are only needed when that track produces an event."""
+    """Per-track values fixed at enter; everything that changes lives in the engine's slot arrays."""
 
-    __slots__ = (
-        "track_id", "slot", "class_id", "enter_time", "first_point", "last_box", "last_score",
-        "velocity", "feature", "last_point", "time_since_update",
-    )
+    __slots__ = ("track_id", "slot", "enter_time", "first_point")
 
-    def __init__(self, snap: TrackSnapshot, slot: int, enter_time: float, point: Tuple[float, float]):
-        self.track_id = int(snap.track_id)
+    def __init__(self, track_id: int, slot: int, enter_time: float, first_point: Tuple[float, float]):
+        self.track_id = track_id
         self.slot = slot
-        self.class_id = int(snap.class_id)
         self.enter_time = enter_time
-        self.first_point = point
-        self.last_box = np.asarray(snap.box, np.float64).copy()
-        self.last_score = float(snap.score)
-        self.velocity = np.asarray(snap.velocity, np.float64).copy()
-        self.feature = snap.feature
-        self.last_point = point
-        self.time_since_update = int(snap.time_since_update)
+        self.first_point = first_point
 
 
 class _Geometry:
@@ -116,6 +106,7 @@ class _Geometry:
         self.zone_names = [z.name for z in cfg.zones]
         self.zone_defs = {z.name: z for z in cfg.zones}
         self.polygons = geometry.pack_polygons([np.asarray(z.polygon, np.float64) for z in cfg.zones])
+        self.polygons_prev = np.roll(self.polygons, 1, axis=1)
         self.line_names = [ln.name for ln in cfg.lines]
         self.line_defs = {ln.name: ln for ln in cfg.lines}
         self.line_a = np.array([ln.points[0] for ln in cfg.lines], np.float64).reshape(-1, 2)
@@ -187,6 +178,7 @@ class EventEngine:
         """Frame size in pixels (w, h). Stored positions are normalised, so a change keeps state."""
         self.width, self.height = _check_frame_size(frame_size)
         self._wh = np.array([self.width, self.height], np.float64)
+        self._wh4 = np.tile(self._wh, 2)
         self._diag = math.hypot(self.width, self.height)
 
     def set_config(
@@ -201,8 +193,9 @@ class EventEngine:
 
         - A removed zone: every track inside gets `zone_exit` (reason config_changed), returned here.
         - A zone whose class filter no longer admits a track inside it: same.
-        - A zone whose polygon changed keeps its occupants; they are re-tested at their next update
-          (a plain zone_exit / zone_enter follows if they are now outside / inside).
+        - A zone whose polygon changed keeps its occupants; they are re-tested at their next observed
+          update (a plain zone_exit / zone_enter follows if they are now outside / inside).
+        - A new zone is empty; tracks inside it get zone_enter at their next observed update.
         - A removed or moved line forgets its side state (no crossing can be completed across a
           configuration change); a line whose only change is its class filter keeps it.
         Frame fields of the returned events default to the last processed frame; ts to now.
@@ -213,14 +206,14 @@ class EventEngine:
         live = list(self._tracks.values())
         # Zones that go away (or stop admitting a track) close their occupancy first.
         for z_old, name in enumerate(old.zone_names):
-            new_def = new.zone_defs.get(name)
+            z_new = new.zone_names.index(name) if name in new.zone_defs else None
             for tr in live:
                 if not self._inside[tr.slot, z_old]:
                     continue
-                if new_def is None or not new.zone_allowed[self._class_row(tr.class_id), new.zone_names.index(name)]:
-                    events.append(self._zone_exit_record(tr, z_old, "config_changed", frame, geo=old))
+                if z_new is None or not new.zone_allowed[self._class_row(int(self._cls[tr.slot])), z_new]:
                     self._inside[tr.slot, z_old] = False
                     self._zone_count[z_old] -= 1
+                    events.append(self._zone_exit_record(tr, z_old, "config_changed", frame, old))
         # Re-index the per-slot tables to the new zone / line order.
         cap = self._cap
         inside = np.zeros((cap, len(new.zone_names)), bool)
@@ -251,13 +244,13 @@ class EventEngine:
     def process(self, step: TrackerStep, *, frame_index: int, timestamp: float, stream_time: float) -> List[dict]:
         """Events for one tracker step, in emission order (seq increasing)."""
         frame = self._frame(frame_index, timestamp, stream_time)
-        self._update_rate(stream_time)
+        self._update_rate(frame.stream_time)
         events: List[dict] = []
         alive = step.tracks
-        alive_ids = [int(t.track_id) for t in alive]
-        alive_set = set(alive_ids)
-        if len(alive_set) != len(alive_ids):
-            dup = sorted({i for i in alive_ids if alive_ids.count(i) > 1})
+        ids = [int(t.track_id) for t in alive]
+        alive_set = set(ids)
+        if len(alive_set) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"TrackerStep.tracks lists track ids more than once: {dup}")
         counts_changed = False
 
@@ -273,73 +266,81 @@ class EventEngine:
         for tid in [t for t in self._tracks if t not in alive_set and t not in deleted_ids]:
             events += self._end_track(self._tracks[tid], None, "lost", frame)
             counts_changed = True
-
-        if not alive:
+        n = len(alive)
+        if n == 0:
             if counts_changed:
                 self.state_version += 1
             return events
 
-        # 2. Per-step arrays over all live tracks.
-        boxes = np.array([t.box for t in alive], np.float64).reshape(len(alive), 4)
-        if not np.all(np.isfinite(boxes)):
-            bad = [alive_ids[i] for i in np.nonzero(~np.all(np.isfinite(boxes), axis=1))[0]]
-            raise ValueError(f"TrackerStep.tracks: non-finite box for track ids {bad}")
-        vels = np.array([t.velocity for t in alive], np.float64).reshape(len(alive), 2)
-        vels = np.nan_to_num(vels, nan=0.0, posinf=0.0, neginf=0.0)
-        matched = np.array([t.time_since_update == 0 for t in alive], bool)
+        # 2. Per-step arrays over all live tracks (one list comprehension per attribute).
+        boxes = np.array([t.box for t in alive], np.float64).reshape(n, 4)
+        finite = np.isfinite(boxes).all(axis=1)
+        if not finite.all():
+            raise ValueError(f"TrackerStep.tracks: non-finite box for track ids {[ids[i] for i in np.nonzero(~finite)[0]]}")
+        vels = np.array([t.velocity for t in alive], np.float64).reshape(n, 2)
+        vels[~np.isfinite(vels)] = 0.0
+        tsu = np.array([t.time_since_update for t in alive], np.int64)
+        matched = tsu == 0
         class_ids = np.array([t.class_id for t in alive], np.int64)
-        points = np.stack([(boxes[:, 0] + boxes[:, 2]) * 0.5, boxes[:, 3]], axis=1) / self._wh
-        rows = _Rows(self, boxes, vels, points)
+        scores = np.array([t.score for t in alive], np.float64)
+        boxes_norm = boxes / self._wh4
+        points = np.stack([(boxes_norm[:, 0] + boxes_norm[:, 2]) * 0.5, boxes_norm[:, 3]], axis=1)
+        rows = _Rows(self, boxes_norm, vels, scores, class_ids, tsu)
 
-        # 3. Enters (any live track not yet entered: normally exactly the ids in step.confirmed).
-        new_idx = []
-        for i, snap in enumerate(alive):
-            tid = alive_ids[i]
+        # 3. Enters: any live track not yet entered (normally exactly the ids in step.confirmed).
+        tracks: List[_Track] = []
+        for i, tid in enumerate(ids):
             tr = self._tracks.get(tid)
             if tr is None:
-                tr = _Track(snap, self._alloc_slot(), stream_time, rows.point(i))
-                self._tracks[tid] = tr
-                self._rep_point[tr.slot] = points[i]
-                self._rep_time[tr.slot] = stream_time
+                tr = self._tracks[tid] = _Track(tid, self._alloc_slot(), frame.stream_time, rows.point(i))
+                s = tr.slot
+                self._rep_point[s] = points[i]
+                self._rep_time[s] = frame.stream_time
+                self._box[s], self._vel[s], self._score[s], self._cls[s] = boxes_norm[i], vels[i], scores[i], class_ids[i]
+                self._tsu[s] = tsu[i]
+                self._feature[s] = alive[i].feature
                 events.append(self._record("enter", tr, frame, rows, i))
-                new_idx.append(i)
                 counts_changed = True
-            elif matched[i]:
-                if tr.class_id != int(snap.class_id):
-                    counts_changed = True
-                tr.class_id = int(snap.class_id)
-                tr.last_box = boxes[i].copy()
-                tr.last_score = float(snap.score)
-                tr.velocity = vels[i].copy()
-                tr.last_point = rows.point(i)
-                if snap.feature is not None:
-                    tr.feature = snap.feature
-            tr.time_since_update = int(snap.time_since_update)
-        tracks = [self._tracks[tid] for tid in alive_ids]
-        slots = np.fromiter((tr.slot for tr in tracks), np.int64, len(tracks))
-        class_rows = np.where((class_ids >= 0) & (class_ids < len(self.class_names)), class_ids, len(self.class_names))
+            tracks.append(tr)
+        slots = np.fromiter((tr.slot for tr in tracks), np.int64, n)
 
-        # 4. Lines and zones on observed positions.
+        # 4. Remember the last observation of matched tracks (exits report where a track was last seen).
         obs = np.nonzero(matched)[0]
+        s_obs = slots[obs]
+        if (self._cls[s_obs] != class_ids[obs]).any():
+            counts_changed = True
+        self._box[s_obs] = boxes_norm[obs]
+        self._vel[s_obs] = vels[obs]
+        self._score[s_obs] = scores[obs]
+        self._cls[s_obs] = class_ids[obs]
+        self._tsu[slots] = tsu
+        for i in obs:
+            feature = alive[i].feature
+            if feature is not None:
+                self._feature[slots[i]] = feature
+
+        # 5. Lines and zones on observed positions.
         if len(obs):
+            class_rows = np.where((class_ids >= 0) & (class_ids < len(self.class_names)), class_ids, len(self.class_names))
             if len(self._geo.line_names):
                 events += self._lines(obs, slots, class_rows, points, tracks, frame, rows)
             if len(self._geo.zone_names):
-                ev = self._zones(obs, slots, class_rows, points, tracks, frame, rows)
-                counts_changed |= bool(ev)
-                events += ev
-            self._obs_point[slots[obs]] = points[obs]
-            self._has_obs[slots[obs]] = True
+                zone_events = self._zones(obs, slots, class_rows, points, tracks, frame, rows)
+                counts_changed |= bool(zone_events)
+                events += zone_events
+            self._obs_point[s_obs] = points[obs]
+            self._has_obs[s_obs] = True
 
-        # 5. Positions: moved enough (observed) and not too soon, or heartbeat.
-        moved = np.hypot(*((points - self._rep_point[slots]) * self._wh).T) > self.cfg.position_min_move * self._diag
-        waited = stream_time - self._rep_time[slots]
+        # 6. Positions: moved enough (observed) and not too soon, or heartbeat.
+        delta = (points - self._rep_point[slots]) * self._wh
+        moved = np.hypot(delta[:, 0], delta[:, 1]) > self.cfg.position_min_move * self._diag
+        waited = frame.stream_time - self._rep_time[slots]
         due = (matched & moved & (waited >= self.cfg.position_min_interval_s)) | (waited >= self.cfg.position_interval_s)
         for i in np.nonzero(due)[0]:
             events.append(self._record("position", tracks[i], frame, rows, i))
         due_slots = slots[due]
         self._rep_point[due_slots] = points[due]
-        self._rep_time[due_slots] = stream_time
+        self._rep_time[due_slots] = frame.stream_time
 
         if counts_changed:
             self.state_version += 1
@@ -349,7 +350,7 @@ class EventEngine:
                  tracks: Iterable[TrackSnapshot] = ()) -> List[dict]:
         """zone_exit + exit (reason shutdown) for every entered live track; the engine is empty after.
 
-        `tracks` (the tracker's current snapshots, optional) refresh the last known box first."""
+        `tracks` (the tracker's current snapshots, optional) refresh the last observation first."""
         frame = self._frame(frame_index, timestamp, stream_time)
         by_id = {int(t.track_id): t for t in tracks}
         events: List[dict] = []
@@ -357,12 +358,12 @@ class EventEngine:
             tr = self._tracks[tid]
             snap = by_id.get(tid)
             if snap is not None and snap.time_since_update == 0 and np.all(np.isfinite(snap.box)):
-                tr.last_box = np.asarray(snap.box, np.float64).copy()
-                tr.last_score = float(snap.score)
-                tr.velocity = np.nan_to_num(np.asarray(snap.velocity, np.float64))
-                tr.last_point = self._foot(tr.last_box)
-                if snap.feature is not None:
-                    tr.feature = snap.feature
+                s = tr.slot
+                self._box[s] = np.asarray(snap.box, np.float64) / self._wh4
+                vel = np.asarray(snap.velocity, np.float64)
+                self._vel[s] = np.where(np.isfinite(vel), vel, 0.0)
+                self._score[s] = float(snap.score)
+                self._cls[s] = int(snap.class_id)
             events += self._end_track(tr, snap, "shutdown", frame)
         if events:
             self.state_version += 1
@@ -376,8 +377,9 @@ class EventEngine:
     def state(self) -> dict:
         """Retained `state` payload body: live entered tracks per class, and per zone (per class)."""
         classes: Dict[str, int] = {name: 0 for name in self.track_classes}
+        names = {}
         for tr in self._tracks.values():
-            name = self._class_name(tr.class_id)
+            name = names[tr.slot] = self._class_name(int(self._cls[tr.slot]))
             classes[name] = classes.get(name, 0) + 1
         zones = {}
         for z, zname in enumerate(self._geo.zone_names):
@@ -386,8 +388,7 @@ class EventEngine:
             total = 0
             for tr in self._tracks.values():
                 if self._inside[tr.slot, z]:
-                    name = self._class_name(tr.class_id)
-                    per_class[name] = per_class.get(name, 0) + 1
+                    per_class[names[tr.slot]] = per_class.get(names[tr.slot], 0) + 1
                     total += 1
             zones[zname] = {"total": total, "classes": per_class}
         return {
@@ -431,12 +432,6 @@ class EventEngine:
             return self._fps
         return 1.0 / self._dt_estimate if self._dt_estimate else None
 
-    def _foot(self, box: np.ndarray) -> Tuple[float, float]:
-        """Normalised bottom-centre of a pixel box, clipped to the frame, 4 decimals."""
-        x = min(max(float((box[0] + box[2]) * 0.5 / self.width), 0.0), 1.0)
-        y = min(max(float(box[3] / self.height), 0.0), 1.0)
-        return (round(x, 4), round(y, 4))
-
     def _class_row(self, class_id: int) -> int:
         return class_id if 0 <= class_id < len(self.class_names) else len(self.class_names)
 
@@ -444,23 +439,22 @@ class EventEngine:
         return self.class_names[class_id] if 0 <= class_id < len(self.class_names) else f"class_{class_id}"
 
     def _alloc_tables(self, cap: int) -> None:
+        """(Re)allocate the per-slot arrays with `cap` rows, keeping existing rows."""
         nz, nl = len(self._geo.zone_names), len(self._geo.line_names)
-
-        def grow(old: Optional[np.ndarray], shape: tuple, dtype) -> np.ndarray:
-            new = np.zeros(shape, dtype)
-            if old is not None:
-                new[: old.shape[0]] = old
-            return new
-
-        first = self._cap == 0
-        self._inside = grow(None if first else self._inside, (cap, nz), bool)
-        self._zone_since = grow(None if first else self._zone_since, (cap, nz), np.float64)
-        self._side = grow(None if first else self._side, (cap, nl), np.int8)
-        self._pending = grow(None if first else self._pending, (cap, nl), bool)
-        self._obs_point = grow(None if first else self._obs_point, (cap, 2), np.float64)
-        self._has_obs = grow(None if first else self._has_obs, (cap,), bool)
-        self._rep_point = grow(None if first else self._rep_point, (cap, 2), np.float64)
-        self._rep_time = grow(None if first else self._rep_time, (cap,), np.float64)
+        specs = {
+            "_inside": ((nz,), bool), "_zone_since": ((nz,), np.float64),  # zone membership, since when
+            "_side": ((nl,), np.int8), "_pending": ((nl,), bool),  # line hysteresis state
+            "_obs_point": ((2,), np.float64), "_has_obs": ((), bool),  # last observed feet (lines)
+            "_rep_point": ((2,), np.float64), "_rep_time": ((), np.float64),  # last reported position
+            "_box": ((4,), np.float64), "_vel": ((2,), np.float64), "_score": ((), np.float64),
+            "_cls": ((), np.int64), "_tsu": ((), np.int64),  # last observation (normalised box)
+        }
+        for name, (shape, dtype) in specs.items():
+            new = np.zeros((cap,) + shape, dtype)
+            if self._cap:
+                new[: self._cap] = getattr(self, name)
+            setattr(self, name, new)
+        self._feature: List[Optional[np.ndarray]] = (getattr(self, "_feature", []) + [None] * cap)[:cap]
         self._free.extend(range(cap - 1, self._cap - 1, -1))
         self._cap = cap
 
@@ -475,46 +469,49 @@ class EventEngine:
         return slot
 
     def _exit_reason(self, tr: _Track, snap: TrackSnapshot) -> str:
-        x1, y1, x2, y2 = tr.last_box
-        mx, my = self.cfg.edge_margin * self.width, self.cfg.edge_margin * self.height
-        if x1 <= mx or y1 <= my or x2 >= self.width - mx or y2 >= self.height - my:
+        m = self.cfg.edge_margin
+        x1, y1, x2, y2 = self._box[tr.slot]
+        if x1 <= m or y1 <= m or x2 >= 1.0 - m or y2 >= 1.0 - m:
             return "left_frame"
         # Where it was heading: the last observed centre one step ahead, and the tracker's own
         # coasted estimate at deletion time.
-        cx, cy = (x1 + x2) * 0.5 + tr.velocity[0], (y1 + y2) * 0.5 + tr.velocity[1]
-        centres = [(cx, cy)]
+        vx, vy = self._vel[tr.slot] / self._wh
+        centres = [((x1 + x2) * 0.5 + vx, (y1 + y2) * 0.5 + vy)]
         if snap is not None and np.all(np.isfinite(snap.box)):
-            b = snap.box
+            b = np.asarray(snap.box, np.float64) / self._wh4
             centres.append(((b[0] + b[2]) * 0.5, (b[1] + b[3]) * 0.5))
         for x, y in centres:
-            if not (0 <= x < self.width and 0 <= y < self.height):
+            if not (0.0 <= x < 1.0 and 0.0 <= y < 1.0):
                 return "left_frame"
         return "lost"
 
     def _end_track(self, tr: _Track, snap: Optional[TrackSnapshot], reason: str, frame: _Frame) -> List[dict]:
         events = []
+        s = tr.slot
         zone_reason = "shutdown" if reason == "shutdown" else "track_exit"
         if snap is not None:
-            tr.time_since_update = int(snap.time_since_update)
+            self._tsu[s] = int(snap.time_since_update)
             if snap.feature is not None:
-                tr.feature = snap.feature
-        for z in np.nonzero(self._inside[tr.slot])[0]:
-            events.append(self._zone_exit_record(tr, int(z), zone_reason, frame))
-            self._inside[tr.slot, z] = False
+                self._feature[s] = snap.feature
+        for z in np.nonzero(self._inside[s])[0]:
+            self._inside[s, z] = False
             self._zone_count[z] -= 1
-        rec = self._single_record("exit", tr, frame)
-        duration = max(0.0, frame.stream_time - tr.enter_time)
+            events.append(self._zone_exit_record(tr, int(z), zone_reason, frame))
+        rows = self._slot_rows(s)
+        rec = self._record("exit", tr, frame, rows, 0)
         rec["reason"] = reason
-        rec["duration_s"] = round(duration, 3)
+        rec["duration_s"] = round(max(0.0, frame.stream_time - tr.enter_time), 3)
         rec["first_position"] = list(tr.first_point)
-        rec["last_position"] = list(tr.last_point)
-        if self.cfg.include_embedding and tr.feature is not None:
-            feature = np.asarray(tr.feature, np.float32)
+        rec["last_position"] = list(rows.point(0))
+        feature = self._feature[s]
+        if self.cfg.include_embedding and feature is not None:
+            feature = np.asarray(feature, np.float32)
             if feature.size and np.all(np.isfinite(feature)):
                 rec["embedding"] = encode_embedding(feature)
         events.append(rec)
         del self._tracks[tr.track_id]
-        self._free.append(tr.slot)
+        self._feature[s] = None
+        self._free.append(s)
         return events
 
     def _lines(self, obs, slots, class_rows, points, tracks, frame, rows) -> List[dict]:
@@ -548,20 +545,17 @@ class EventEngine:
     def _zones(self, obs, slots, class_rows, points, tracks, frame, rows) -> List[dict]:
         geo = self._geo
         s = slots[obs]
-        in_poly = geometry.points_in_polygons(points[obs], geo.polygons)
-        allowed = geo.zone_allowed[class_rows[obs]]
-        now_in = in_poly & allowed
+        in_poly = geometry.points_in_polygons(points[obs], geo.polygons, geo.polygons_prev)
+        now_in = in_poly & geo.zone_allowed[class_rows[obs]]
         was_in = self._inside[s]
-        exits = was_in & ~now_in
-        enters = now_in & ~was_in
         events = []
-        for r, z in zip(*np.nonzero(exits)):
+        for r, z in zip(*np.nonzero(was_in & ~now_in)):  # exits first: moving between adjacent zones
             tr = tracks[obs[r]]
-            reason = "left_zone" if not in_poly[r, z] else "class_changed"
             self._inside[tr.slot, z] = False
             self._zone_count[z] -= 1
-            events.append(self._zone_exit_record(tr, int(z), reason, frame, rows=rows, row=int(obs[r])))
-        for r, z in zip(*np.nonzero(enters)):
+            reason = "left_zone" if not in_poly[r, z] else "class_changed"
+            events.append(self._zone_exit_record(tr, int(z), reason, frame, geo, rows, int(obs[r])))
+        for r, z in zip(*np.nonzero(now_in & ~was_in)):
             i = int(obs[r])
             tr = tracks[i]
             self._inside[tr.slot, z] = True
@@ -573,29 +567,41 @@ class EventEngine:
             events.append(rec)
         return events
 
-    def _zone_exit_record(self, tr: _Track, z: int, reason: str, frame: _Frame, *, geo: Optional[_Geometry] = None,
+    def _zone_exit_record(self, tr: _Track, z: int, reason: str, frame: _Frame, geo: Optional[_Geometry] = None,
                           rows: Optional["_Rows"] = None, row: int = 0) -> dict:
+        """zone_exit record; the caller has already cleared the membership and decremented the count."""
         geo = geo or self._geo
-        rec = self._record("zone_exit", tr, frame, rows, row) if rows is not None else self._single_record("zone_exit", tr, frame)
+        if rows is None:
+            rows, row = self._slot_rows(tr.slot), 0
+        rec = self._record("zone_exit", tr, frame, rows, row)
         rec["zone"] = geo.zone_names[z]
         rec["reason"] = reason
         rec["zone_dwell_s"] = round(max(0.0, frame.stream_time - float(self._zone_since[tr.slot, z])), 3)
-        # Occupancy after this exit (the caller decrements the count; account for it here).
-        inside_now = int(self._zone_count[z]) - (1 if self._inside[tr.slot, z] else 0)
-        rec["zone_count"] = max(0, inside_now)
+        rec["zone_count"] = int(self._zone_count[z])
         return rec
 
-    def _single_record(self, kind: str, tr: _Track, frame: _Frame) -> dict:
-        """A record from the track's last observed box (exits and config-change zone exits)."""
-        box = tr.last_box.reshape(1, 4)
-        point = np.array([[(box[0, 0] + box[0, 2]) * 0.5, box[0, 3]]]) / self._wh
-        rows = _Rows(self, box, tr.velocity.reshape(1, 2), point, scores=[tr.last_score])
-        return self._record(kind, tr, frame, rows, 0)
+    def _slot_rows(self, slot: int) -> "_Rows":
+        """Record values from a track's last observation (exits, zone exits outside an update).
+        One row: plain Python arithmetic is cheaper than numpy calls here."""
+        rows = _Rows.__new__(_Rows)
+        x1, y1, x2, y2 = (float(v) for v in self._box[slot])
+        w, h = self.width, self.height
+        rows.box_px = [[round(x1 * w, 1), round(y1 * h, 1), round(x2 * w, 1), round(y2 * h, 1)]]
+        rows.box_norm = [[round(min(max(v, 0.0), 1.0), 4) for v in (x1, y1, x2, y2)]]
+        rows._points = [[round(min(max((x1 + x2) * 0.5, 0.0), 1.0), 4), round(min(max(y2, 0.0), 1.0), 4)]]
+        vx, vy = (float(v) for v in self._vel[slot])
+        rows.vel_px = [[round(vx, 2), round(vy, 2)]]
+        fps = self._frames_per_second()
+        rows.vel_norm = [[round(vx * (fps / w), 4), round(vy * (fps / h), 4)]] if fps else None
+        rows.score = [round(min(max(float(self._score[slot]), 0.0), 1.0), 4)]
+        rows.class_id = [int(self._cls[slot])]
+        rows.tsu = [int(self._tsu[slot])]
+        return rows
 
     def _record(self, kind: str, tr: _Track, frame: _Frame, rows: "_Rows", i: int) -> dict:
         return {
             "type": kind,
-            "event_id": uuid.uuid4().hex,
+            "event_id": os.urandom(16).hex(),  # 128 random bits, as uuid4 (without the object overhead)
             "seq": int(self._next_seq()),
             "ts": frame.ts,
             "frame": frame.index,
@@ -603,37 +609,37 @@ class EventEngine:
             "device": self.device_id,
             "camera": self.camera,
             "track_id": tr.track_id,
-            "class": self._class_name(tr.class_id),
-            "class_id": tr.class_id,
-            "confidence": rows.score(i, tr),
+            "class": self._class_name(rows.class_id[i]),
+            "class_id": rows.class_id[i],
+            "confidence": rows.score[i],
             "box_px": rows.box_px[i],
             "box_norm": rows.box_norm[i],
             "point": list(rows.point(i)),
             "velocity": {"px_per_frame": rows.vel_px[i], "norm_per_s": rows.vel_norm[i] if rows.vel_norm else None},
             "dwell_s": round(max(0.0, frame.stream_time - tr.enter_time), 3),
-            "time_since_update": tr.time_since_update,
+            "time_since_update": rows.tsu[i],
         }
 
 
 class _Rows:
-    """Rounded, JSON-ready per-row values, computed once per step for all tracks (lazily)."""
+    """Rounded, JSON-ready values of a batch of tracks, computed with a few numpy calls per step."""
 
-    __slots__ = ("box_px", "box_norm", "vel_px", "vel_norm", "_points", "_scores")
+    __slots__ = ("box_px", "box_norm", "vel_px", "vel_norm", "score", "class_id", "tsu", "_points")
 
-    def __init__(self, engine: EventEngine, boxes: np.ndarray, vels: np.ndarray, points: np.ndarray,
-                 scores: Optional[List[float]] = None):
-        wh4 = np.tile(engine._wh, 2)
-        self.box_px = np.round(boxes, 1).tolist()
-        self.box_norm = np.round(np.clip(boxes / wh4, 0.0, 1.0), 4).tolist()
+    def __init__(self, engine: EventEngine, boxes_norm: np.ndarray, vels: np.ndarray, scores: np.ndarray,
+                 class_ids: np.ndarray, tsu: np.ndarray):
+        self.box_px = np.round(boxes_norm * engine._wh4, 1).tolist()
+        clipped = np.minimum(np.maximum(boxes_norm, 0.0), 1.0)
+        self.box_norm = np.round(clipped, 4).tolist()
+        feet = np.stack([(boxes_norm[:, 0] + boxes_norm[:, 2]) * 0.5, boxes_norm[:, 3]], axis=1)
+        self._points = np.round(np.minimum(np.maximum(feet, 0.0), 1.0), 4).tolist()
         self.vel_px = np.round(vels, 2).tolist()
         fps = engine._frames_per_second()
-        self.vel_norm = np.round(vels * fps / engine._wh, 4).tolist() if fps else None
-        self._points = np.round(np.clip(points, 0.0, 1.0), 4).tolist()
-        self._scores = scores
+        self.vel_norm = np.round(vels * (fps / engine._wh), 4).tolist() if fps else None
+        self.score = np.round(np.minimum(np.maximum(scores, 0.0), 1.0), 4).tolist()
+        self.class_id = class_ids.tolist()
+        self.tsu = tsu.tolist()
 
     def point(self, i: int) -> Tuple[float, float]:
         p = self._points[i]
         return (p[0], p[1])
-
-    def score(self, i: int, tr: _Track) -> float:
-        return round(float(self._scores[i] if self._scores is not None else tr.last_score), 4)

@@ -48,8 +48,9 @@ def pack_polygons(polygons: Sequence[np.ndarray | Sequence]) -> np.ndarray:
     return out
 
 
-def points_in_polygons(points: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """(N, Z) bool: is point n inside polygon z (even-odd rule). `packed` from `pack_polygons`."""
+def points_in_polygons(points: np.ndarray, packed: np.ndarray, packed_prev: np.ndarray | None = None) -> np.ndarray:
+    """(N, Z) bool: is point n inside polygon z (even-odd rule). `packed` from `pack_polygons`;
+    `packed_prev` = np.roll(packed, 1, axis=1) (the edges' other ends) may be passed precomputed."""
     pts = _as_points(points, "points")
     if packed.ndim != 3 or packed.shape[2] != 2:
         raise ValueError(f"packed polygons: expected (Z, V, 2), got shape {packed.shape}")
@@ -57,7 +58,7 @@ def points_in_polygons(points: np.ndarray, packed: np.ndarray) -> np.ndarray:
     if n == 0 or z == 0:
         return np.zeros((n, z), bool)
     vi = packed  # edge i -> j with j = i - 1 (closing edge included by the roll)
-    vj = np.roll(packed, 1, axis=1)
+    vj = np.roll(packed, 1, axis=1) if packed_prev is None else packed_prev
     px = pts[:, 0][:, None, None]
     py = pts[:, 1][:, None, None]
     xi, yi = vi[None, :, :, 0], vi[None, :, :, 1]
