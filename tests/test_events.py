@@ -291,6 +291,9 @@ def test_state_counts_per_class_and_zone() -> None:
     assert state["total"] == 2 and state["classes"] == {"person": 1, "car": 0, "class_7": 1}
     assert state["zones"]["top"]["total"] == 1
     validate(run.events)
+    # The retained `state` payload schema (docs/mqtt.md) accepts the engine's state.
+    state_schema = json.loads((SCHEMA_DIR / "state.schema.json").read_text())
+    jsonschema.Draft202012Validator(state_schema).validate(state)
 
 
 def test_set_config_zone_removed_changed_and_added() -> None:
