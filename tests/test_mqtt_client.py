@@ -504,3 +504,35 @@ def test_rate_limited_backlog_still_complete_and_ordered(broker_factory, tmp_pat
     finally:
         pub.stop(timeout=3)
         sub.close()
+
+
+def test_rows_in_flight_at_disconnect_are_resent(broker_factory, tmp_path, outbox):
+    """The broker dies while publishes await their PUBACK: those rows stay queued and arrive later."""
+    broker, gate = gated_broker(broker_factory, tmp_path)
+    rec = Recorder()
+    pub = _publisher(broker.port, outbox, rec)
+    pub.start()
+    sub = None
+    try:
+        assert pub.wait_connected(10)
+        outbox.put_many([(TOPICS.events, _event(i), 1, False, "event", None) for i in range(3000)])
+        assert wait_until(lambda: pub.stats()["published"] >= 20, 10)
+        broker.stop()  # mid-burst
+        assert rec.wait_for("disconnected", 1, 10)
+        in_flight = pub.stats()["inflight"]
+        assert in_flight > 0, "the broker should have died with publishes unacknowledged"
+        remaining = {json.loads(r.payload)["seq"] for r in outbox.peek(10_000)}
+        assert len(remaining) >= in_flight
+        gate.close()
+        broker.start()
+        sub = Collector(broker.port, TOPICS.events)
+        assert sub.wait_subscribed()
+        gate.open()
+        sub.wait(lambda: len(sub.seq_set) >= len(remaining), 30)
+        assert remaining <= sub.seq_set, f"not re-sent: {sorted(remaining - sub.seq_set)[:20]}"
+        assert wait_until(lambda: outbox.depth() == 0, 10)
+        assert pub.stats()["inflight"] == 0
+    finally:
+        pub.stop(timeout=3)
+        if sub is not None:
+            sub.close()
