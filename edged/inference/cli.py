@@ -61,6 +61,9 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
                    help="calibration frames: a folder of images, a video or 'skimage' (repeatable)")
     p.add_argument("--max-calib", type=int, default=64, help="frames taken from each --calib source")
     p.add_argument("--no-report", action="store_true", help="skip the int8-vs-float agreement check")
+    p.add_argument("--yolo-mask", action="append", default=[], metavar="HEAD=MASK",
+                   help="override the anchor mask of yolo head HEAD (0-based, cfg order), e.g. 1=1,2,3 for the "
+                        "official yolov3-tiny weights (repeatable)")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -75,10 +78,18 @@ def _convert(args: argparse.Namespace) -> int:
     if args.size is not None and (args.size < 32 or args.size % 32):
         print(f"--size {args.size}: must be a positive multiple of 32", file=sys.stderr)
         return 2
+    masks = {}
+    for item in args.yolo_mask:
+        try:
+            head, mask = item.split("=", 1)
+            masks[int(head)] = [int(v) for v in mask.split(",")]
+        except ValueError:
+            print(f"--yolo-mask {item!r}: expected HEAD=MASK, e.g. 1=1,2,3", file=sys.stderr)
+            return 2
     res = convert.convert_darknet(
         args.cfg, args.weights, args.out, names_path=args.names, input_size=args.size, quant=args.quant,
         calib=frames or None, calib_label=" + ".join(labels) or None, max_calib=len(frames) or 1,
-        report=not args.no_report,
+        report=not args.no_report, yolo_masks=masks or None,
     )
     print(f"wrote {res.path} ({res.path.stat().st_size} bytes, {args.quant}, input {res.metadata['input_size']})")
     if res.agreement:

@@ -355,7 +355,8 @@ class ConvertResult:
 
 
 def detector_metadata(net: DarknetNet, names: List[str], tensor_names: List[str], quant: str,
-                      cfg_path: PathLike, weights_path: PathLike, calibration: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+                      cfg_path: PathLike, weights_path: PathLike, calibration: Optional[Dict[str, Any]],
+                      mask_overrides: Optional[Dict[int, Sequence[int]]] = None) -> Dict[str, Any]:
     heads = []
     for h, t in zip(net.heads, tensor_names):
         heads.append({
@@ -370,6 +371,7 @@ def detector_metadata(net: DarknetNet, names: List[str], tensor_names: List[str]
         "pixel_scale": 1.0 / 255.0,
         "letterbox": {"mode": "darknet", "fill": 128},
         "classes": names, "heads": heads, "quantization": quant,
+        "mask_overrides": {str(k): list(v) for k, v in (mask_overrides or {}).items()} or None,
         "source": {"cfg": Path(cfg_path).name, "cfg_sha256": darknet.sha256_file(cfg_path),
                    "weights": Path(weights_path).name, "weights_sha256": darknet.sha256_file(weights_path)},
         "calibration": calibration,
@@ -388,12 +390,16 @@ def convert_darknet(
     calib_label: Optional[str] = None,
     max_calib: int = 64,
     report: bool = True,
+    yolo_masks: Optional[Dict[int, Sequence[int]]] = None,
 ) -> ConvertResult:
     """Convert a Darknet YOLO to a TFLite detector with embedded edged metadata.
 
     calib: folder of images, a video, 'skimage', or a list of BGR frames. With report=True and an int8
-    model, also builds the float32 reference and measures int8-vs-float agreement on the frames."""
+    model, also builds the float32 reference and measures int8-vs-float agreement on the frames.
+    yolo_masks: {head index: anchor mask} overriding the cfg (see darknet.override_masks)."""
     net = darknet.parse_cfg(cfg_path, input_size)
+    if yolo_masks:
+        darknet.override_masks(net, yolo_masks)
     heads = net.heads
     if not heads:
         raise DarknetError(f"{cfg_path}: no [yolo] layers: not a YOLO detector cfg")
@@ -435,7 +441,7 @@ def convert_darknet(
         ref = [np.asarray(r) for r in (ref if isinstance(ref, (list, tuple)) else [ref])]
         tensor_names = match_outputs(interp, ref, probe)
         meta = detector_metadata(net, names, tensor_names, quant, cfg_path, weights_path,
-                                 calib_info if quant != "float32" else None)
+                                 calib_info if quant != "float32" else None, yolo_masks)
         runtime.write_metadata(tmp, out_path, meta)
     finally:
         tmp.unlink(missing_ok=True)

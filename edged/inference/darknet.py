@@ -268,6 +268,26 @@ def _build(p: Path, sections: List[Section], input_size: Union[int, Tuple[int, i
     return DarknetNet(p, net, layers, (h, w, c))
 
 
+def override_masks(net: DarknetNet, masks: Dict[int, Sequence[int]]) -> None:
+    """Replace the anchor mask of yolo head k (0-based, cfg order) in place.
+
+    The cfg shipped with the official YOLOv3-tiny weights says `mask = 0,1,2` for its 26x26 head, but
+    the weights were trained with `mask = 1,2,3` (OpenVINO's model zoo patches the same line): with the
+    cfg as is, that head's boxes come out about half their size."""
+    heads = [ly for ly in net.layers if ly.kind == "yolo"]
+    for k, mask in masks.items():
+        if not 0 <= k < len(heads):
+            raise DarknetError(f"{net.cfg_path}: no yolo head {k} (the cfg has {len(heads)})")
+        p = heads[k].params
+        mask = [int(m) for m in mask]
+        if len(mask) != len(p["mask"]) or any(not 0 <= m < len(p["all_anchors"]) for m in mask):
+            raise DarknetError(
+                f"{net.cfg_path}: yolo head {k} needs {len(p['mask'])} anchor indices in 0..{len(p['all_anchors']) - 1}, got {mask}"
+            )
+        p["mask"] = mask
+        p["anchors"] = [p["all_anchors"][m] for m in mask]
+
+
 def read_weights(net: DarknetNet, weights_path: PathLike, upto_layer: Optional[int] = None) -> Dict[int, Dict[str, np.ndarray]]:
     """Per convolutional layer index: {"weights": (filters, c/groups, k, k), "biases", and with batch norm
     "scales", "mean", "var"}. The file must hold exactly the floats the cfg needs (or at least those up to
