@@ -22,10 +22,12 @@ import base64
 import itertools
 import math
 import os
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -84,7 +86,8 @@ def decode_embedding(payload: dict) -> np.ndarray:
 class _Frame:
     index: int
     ts: str
-    stream_time: float
+    stream_time: float  # as given (reported in records)
+    clock: float  # engine-internal monotonic seconds: durations survive a stream_time reset (looped file)
 
 
 class _Track:
@@ -158,11 +161,12 @@ class EventEngine:
         self.class_names = [str(n) for n in class_names]
         self.track_classes = list(track_classes or [])
         self._fps = float(fps) if fps is not None else None
-        self._dt_estimate: Optional[float] = None  # processed-frame interval when fps is not given
+        self._dt_estimate: Optional[float] = None  # measured processed-frame interval
+        self._intervals: Deque[float] = deque(maxlen=15)
         self._last_stream_time: Optional[float] = None
         self._next_seq = next_seq or itertools.count(1).__next__
         self._ts_cache: Tuple[Optional[float], str] = (None, "")
-        self._last_frame = _Frame(0, iso_utc(time.time()), 0.0)
+        self._last_frame = _Frame(0, iso_utc(time.time()), 0.0, 0.0)
         self.set_frame_size(frame_size)
         self.cfg = cfg
         self._geo = _Geometry(cfg, self.class_names)
@@ -292,10 +296,10 @@ class EventEngine:
         for i, tid in enumerate(ids):
             tr = self._tracks.get(tid)
             if tr is None:
-                tr = self._tracks[tid] = _Track(tid, self._alloc_slot(), frame.stream_time, rows.point(i))
+                tr = self._tracks[tid] = _Track(tid, self._alloc_slot(), frame.clock, rows.point(i))
                 s = tr.slot
                 self._rep_point[s] = points[i]
-                self._rep_time[s] = frame.stream_time
+                self._rep_time[s] = frame.clock
                 self._box[s], self._vel[s], self._score[s], self._cls[s] = boxes_norm[i], vels[i], scores[i], class_ids[i]
                 self._tsu[s] = tsu[i]
                 self._feature[s] = alive[i].feature
@@ -334,13 +338,13 @@ class EventEngine:
         # 6. Positions: moved enough (observed) and not too soon, or heartbeat.
         delta = (points - self._rep_point[slots]) * self._wh
         moved = np.hypot(delta[:, 0], delta[:, 1]) > self.cfg.position_min_move * self._diag
-        waited = frame.stream_time - self._rep_time[slots]
+        waited = frame.clock - self._rep_time[slots]
         due = (matched & moved & (waited >= self.cfg.position_min_interval_s)) | (waited >= self.cfg.position_interval_s)
         for i in np.nonzero(due)[0]:
             events.append(self._record("position", tracks[i], frame, rows, i))
         due_slots = slots[due]
         self._rep_point[due_slots] = points[due]
-        self._rep_time[due_slots] = frame.stream_time
+        self._rep_time[due_slots] = frame.clock
 
         if counts_changed:
             self.state_version += 1
@@ -411,11 +415,11 @@ class EventEngine:
         ts = timestamp if timestamp is not None else time.time()
         if self._ts_cache[0] != ts:
             self._ts_cache = (ts, iso_utc(ts))
-        frame = _Frame(
-            int(frame_index) if frame_index is not None else last.index,
-            self._ts_cache[1],
-            float(stream_time) if stream_time is not None else last.stream_time,
-        )
+        st = float(stream_time) if stream_time is not None else last.stream_time
+        dt = st - last.stream_time if self._last_stream_time is not None else 0.0
+        if dt < 0:  # the stream restarted (looped file, reopened source): continue at the frame rate
+            dt = self._dt_estimate or 0.0
+        frame = _Frame(int(frame_index) if frame_index is not None else last.index, self._ts_cache[1], st, last.clock + dt)
         self._last_frame = frame
         return frame
 
@@ -423,14 +427,15 @@ class EventEngine:
         if self._last_stream_time is not None:
             dt = stream_time - self._last_stream_time
             if dt > 0:
-                # EMA of the processed-frame interval: the tracker's velocity is per processed frame.
-                self._dt_estimate = dt if self._dt_estimate is None else 0.9 * self._dt_estimate + 0.1 * dt
+                # Median of recent processed-frame intervals: robust to a reconnect gap or a stall.
+                self._intervals.append(dt)
+                self._dt_estimate = statistics.median(self._intervals)
         self._last_stream_time = stream_time
 
     def _frames_per_second(self) -> Optional[float]:
-        if self._fps is not None:
-            return self._fps
-        return 1.0 / self._dt_estimate if self._dt_estimate else None
+        """Processed frames per second: measured (frames may be skipped on live sources, and the
+        tracker's velocity is per processed frame), the source's fps until two frames were seen."""
+        return 1.0 / self._dt_estimate if self._dt_estimate else self._fps
 
     def _class_row(self, class_id: int) -> int:
         return class_id if 0 <= class_id < len(self.class_names) else len(self.class_names)
@@ -500,7 +505,7 @@ class EventEngine:
         rows = self._slot_rows(s)
         rec = self._record("exit", tr, frame, rows, 0)
         rec["reason"] = reason
-        rec["duration_s"] = round(max(0.0, frame.stream_time - tr.enter_time), 3)
+        rec["duration_s"] = round(max(0.0, frame.clock - tr.enter_time), 3)
         rec["first_position"] = list(tr.first_point)
         rec["last_position"] = list(rows.point(0))
         feature = self._feature[s]
@@ -559,7 +564,7 @@ class EventEngine:
             i = int(obs[r])
             tr = tracks[i]
             self._inside[tr.slot, z] = True
-            self._zone_since[tr.slot, z] = frame.stream_time
+            self._zone_since[tr.slot, z] = frame.clock
             self._zone_count[z] += 1
             rec = self._record("zone_enter", tr, frame, rows, i)
             rec["zone"] = geo.zone_names[z]
@@ -576,7 +581,7 @@ class EventEngine:
         rec = self._record("zone_exit", tr, frame, rows, row)
         rec["zone"] = geo.zone_names[z]
         rec["reason"] = reason
-        rec["zone_dwell_s"] = round(max(0.0, frame.stream_time - float(self._zone_since[tr.slot, z])), 3)
+        rec["zone_dwell_s"] = round(max(0.0, frame.clock - float(self._zone_since[tr.slot, z])), 3)
         rec["zone_count"] = int(self._zone_count[z])
         return rec
 
@@ -616,7 +621,7 @@ class EventEngine:
             "box_norm": rows.box_norm[i],
             "point": list(rows.point(i)),
             "velocity": {"px_per_frame": rows.vel_px[i], "norm_per_s": rows.vel_norm[i] if rows.vel_norm else None},
-            "dwell_s": round(max(0.0, frame.stream_time - tr.enter_time), 3),
+            "dwell_s": round(max(0.0, frame.clock - tr.enter_time), 3),
             "time_since_update": rows.tsu[i],
         }
 

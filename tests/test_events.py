@@ -107,7 +107,7 @@ def test_walk_across_frame_gives_ordered_lifecycle() -> None:
     assert exit_["last_position"] == [round(xs[-1] / W, 4), round(300 / H, 4)]
     assert exit_["duration_s"] == pytest.approx(len(xs) / FPS, abs=1e-6)
     assert exit_["velocity"]["px_per_frame"] == [10.0, 0.0]
-    assert exit_["velocity"]["norm_per_s"] == [round(10 * FPS / W, 4), 0.0]
+    assert exit_["velocity"]["norm_per_s"] == pytest.approx([10 * FPS / W, 0.0], abs=1e-4)
     positions = [e for e in run.events if e["type"] == "position"]
     assert positions, "a moving track reports positions"
     validate(run.events)
@@ -246,6 +246,37 @@ def test_velocity_rate_estimated_without_fps() -> None:
     exit_ = run.events[-1]
     assert exit_["velocity"]["norm_per_s"][0] == pytest.approx(6.4 * FPS / W, abs=1e-4)
     validate(run.events)
+
+
+def test_stream_restart_keeps_durations_and_heartbeats() -> None:
+    # A looped file restarts stream_time at 0: dwell keeps growing, heartbeats keep coming.
+    run = Run(EventsConfig(position_interval_s=1.0))
+    for k in range(30):  # 3 s
+        run.engine.process(TrackerStep([snap(1, 100, 300)], [1] if k == 0 else []), frame_index=k,
+                           timestamp=T0 + k / FPS, stream_time=k / FPS)
+    events = []
+    for k in range(30):  # stream_time back to 0.0 .. 2.9
+        events += run.engine.process(TrackerStep([snap(1, 100, 300)]), frame_index=k,
+                                     timestamp=T0 + 3 + k / FPS, stream_time=k / FPS)
+    heartbeats = [e for e in events if e["type"] == "position"]
+    assert len(heartbeats) == 3
+    assert [e["dwell_s"] for e in heartbeats] == pytest.approx([3.0, 4.0, 5.0], abs=0.11)
+    (exit_,) = run.engine.shutdown(frame_index=30, timestamp=T0 + 6, stream_time=3.0)
+    assert exit_["duration_s"] == pytest.approx(6.0, abs=0.11) and exit_["stream_time"] == 3.0
+
+
+def test_rate_is_measured_from_processed_frames() -> None:
+    # The source says 30 fps but only every third frame is processed: velocity is per processed frame.
+    engine = EventEngine(EventsConfig(), device_id="d", camera="c", class_names=["person"], frame_size=(W, H), fps=30.0)
+    (enter,) = engine.process(TrackerStep([snap(1, 100, 300, vel=(6.4, 0))], [1]), frame_index=0, timestamp=T0,
+                              stream_time=0.0)
+    assert enter["velocity"]["norm_per_s"] == [round(6.4 * 30 / W, 4), 0.0]  # the source's fps until measured
+    for k in range(1, 20):
+        stall = 5.0 if k == 10 else 0.0  # one reconnect gap does not disturb the estimate
+        engine.process(TrackerStep([snap(1, 100, 300, vel=(6.4, 0))]), frame_index=3 * k, timestamp=T0 + k / 10,
+                       stream_time=k / 10 + stall * (k >= 10))
+    (exit_,) = engine.shutdown(frame_index=60, timestamp=T0 + 7, stream_time=6.9)
+    assert exit_["velocity"]["norm_per_s"][0] == pytest.approx(6.4 * 10 / W, abs=1e-4)
 
 
 def test_embedding_encoding_roundtrip() -> None:
