@@ -311,3 +311,19 @@ def test_import_osnet_with_colour_fusion(tmp_path: Path) -> None:
     _unit_rows(fused)
     # The learned part of the fused vector is the plain OSNet embedding, scaled by 1 / sqrt(1 + 1.5^2).
     np.testing.assert_allclose(fused[:, :512] * np.sqrt(1 + 1.5**2), plain, atol=1e-4)
+
+
+def test_inconsistent_metadata_is_refused(tmp_path: Path) -> None:
+    bad_colour = tmp_path / "bad_colour.tflite"
+    meta = dict(read_metadata(DEFAULT_MODEL) or {})
+    write_metadata(DEFAULT_MODEL, bad_colour, {**meta, "colour": {**meta["colour"], "bins": [8, 4]}})
+    with pytest.raises(ModelError, match="bad_colour.tflite.*'colour'"):
+        AppearanceEncoder(bad_colour)
+    bad_std = tmp_path / "bad_std.tflite"
+    write_metadata(DEFAULT_MODEL, bad_std, {**meta, "input": {**meta["input"], "std": [0, 1, 1]}})
+    with pytest.raises(ModelError, match="bad_std.tflite.*std must not be 0"):
+        AppearanceEncoder(bad_std)
+    bad_output = tmp_path / "bad_output.tflite"
+    write_metadata(DEFAULT_MODEL, bad_output, {**meta, "output": {"name": "no_such_tensor"}})
+    with pytest.raises(ModelError, match="bad_output.tflite.*no_such_tensor"):
+        AppearanceEncoder(bad_output)

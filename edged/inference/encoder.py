@@ -364,10 +364,7 @@ class AppearanceEncoder:
         step = self.batch_size
         for start in range(0, len(crops), step):
             chunk = crops[start : start + step]
-            if self.batch_size == 1 and self._in.shape[0] <= 1:
-                out[start] = self._invoke(self._to_tensor(chunk))[0]
-            else:
-                out[start : start + len(chunk)] = self._invoke(self._to_tensor(chunk))
+            out[start : start + len(chunk)] = self._invoke(self._to_tensor(chunk))
         return out
 
     def encode(self, image_bgr: np.ndarray, boxes: Union[np.ndarray, Sequence[Sequence[float]]]) -> np.ndarray:
