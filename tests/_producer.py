@@ -70,10 +70,15 @@ def main() -> int:
         say("produced")
 
     if args.stdin:  # commands: "put N" puts N more messages; EOF stops
-        for line in sys.stdin:
-            if line.startswith("put "):
-                produce(int(line.split()[1]))
-        stop.set()
+
+        def commands() -> None:
+            for line in sys.stdin:
+                if line.startswith("put "):
+                    produce(int(line.split()[1]))
+            stop.set()
+
+        # a thread, so that SIGTERM (handled in the main thread) is not stuck behind a blocking read
+        threading.Thread(target=commands, daemon=True).start()
     else:
         produce(args.count)
     stop.wait()

@@ -262,6 +262,9 @@ def test_sigkill_during_outage_loses_nothing(broker_factory, tmp_path):
         second = ProducerProcess(tmp_path, broker.port, "--stdin")  # only delivers what the outbox holds
         sub.wait(lambda: len(sub.seq_set) >= len(promised), 30)
         assert promised <= sub.seq_set, f"lost after SIGKILL: {sorted(promised - sub.seq_set)[:20]}"
+        second.terminate()  # SIGTERM: clean stop, retained offline
+        assert second.proc.returncode == 0
+        assert retained_value(broker.port, TOPICS.availability) == b"offline"
     finally:
         first.terminate()
         if second is not None:
