@@ -327,3 +327,43 @@ def test_inconsistent_metadata_is_refused(tmp_path: Path) -> None:
     write_metadata(DEFAULT_MODEL, bad_output, {**meta, "output": {"name": "no_such_tensor"}})
     with pytest.raises(ModelError, match="bad_output.tflite.*no_such_tensor"):
         AppearanceEncoder(bad_output)
+
+
+@pytest.mark.slow
+def test_full_int8_model_with_int8_input(tmp_path: Path) -> None:
+    """int8 input (scale ~1: raw RGB pixels) and int8 output, no metadata: quantise in, dequantise out."""
+    tf = pytest.importorskip("tensorflow")
+    weights = np.abs(np.random.default_rng(3).normal(size=(3, 64))).astype(np.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 96, 48, 3], tf.float32)])
+    def model(pixels: "tf.Tensor") -> "tf.Tensor":
+        return tf.matmul(tf.reduce_mean(pixels, axis=[1, 2]), tf.constant(weights))
+
+    def representative():  # type: ignore[no-untyped-def]
+        rng = np.random.default_rng(0)
+        for _ in range(16):
+            yield [rng.uniform(0, 255, (1, 96, 48, 3)).astype(np.float32)]
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([model.get_concrete_function()], model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    path = tmp_path / "int8.tflite"
+    path.write_bytes(conv.convert())
+    enc = AppearanceEncoder(path)
+    assert enc._in.dtype == np.int8 and enc.input.color == "RGB" and enc.dim == 64
+    assert enc.input.mean == (0.0, 0.0, 0.0) and enc.input.std == (1.0, 1.0, 1.0)  # scale ~1: raw pixels
+    image = _astronaut()
+    boxes = np.array([[10, 10, 100, 200], [200, 50, 300, 400], [300, 300, 560, 560]], float)
+    feats = enc.encode(image, boxes)
+    _unit_rows(feats)
+    crops = crop_resized(image, boxes, 48, 96)[..., ::-1]  # RGB
+    expected = crops.reshape(3, -1, 3).astype(np.float64).mean(1) @ weights
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert (np.sum(feats * expected, axis=1) > 0.999).all()
+    # Channel order matters: the BGR reading of the same crops is measurably different.
+    wrong = crops[..., ::-1].reshape(3, -1, 3).astype(np.float64).mean(1) @ weights
+    wrong /= np.linalg.norm(wrong, axis=1, keepdims=True)
+    assert np.abs(feats - expected).max() < np.abs(feats - wrong).max()
