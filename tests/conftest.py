@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,9 +119,13 @@ class Broker:
 def broker_factory(tmp_path):
     """Make brokers with custom config lines (TLS, ACL...). Every broker is stopped at teardown."""
     made: List[Broker] = []
+    # mosquitto started as root drops to user 'mosquitto', which cannot traverse pytest's 0700
+    # tmp_path: its log goes to a directory of its own that it can reach.
+    base = Path(tempfile.mkdtemp(prefix="edged-broker-"))
+    os.chmod(base, 0o755)
 
     def make(extra_conf: Optional[List[str]] = None, port: Optional[int] = None, start: bool = True) -> Broker:
-        d = tmp_path / f"broker{len(made)}"
+        d = base / f"broker{len(made)}"
         d.mkdir()
         b = Broker(workdir=d, port=port or free_port(), extra_conf=list(extra_conf or []))
         made.append(b)
@@ -128,9 +133,12 @@ def broker_factory(tmp_path):
             b.start()
         return b
 
-    yield make
-    for b in made:
-        b.stop()
+    try:
+        yield make
+    finally:
+        for b in made:
+            b.stop()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

@@ -38,3 +38,9 @@ def test_broker_roundtrip_and_restart(broker):
     assert not broker.running
     broker.start()
     assert _roundtrip(broker.port, "t/b", b"again") == b"again"
+
+
+def test_broker_log_is_readable(broker):
+    # The broker writes its log where the test can read it (useful when a broker test fails).
+    broker.stop()
+    assert "mosquitto" in broker.log_text()
