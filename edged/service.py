@@ -342,6 +342,14 @@ class Daemon:
         notifier = Notifier()
         self._build()
         if self.publisher is not None:
+            if self.cfg.mqtt.homeassistant.enabled:
+                from edged.mqtt.homeassistant import discovery_messages, queue_discovery
+
+                classes = list(self.cfg.detector.classes) or list(self.detector.class_names)
+                queue_discovery(self.outbox, discovery_messages(
+                    self.cfg.mqtt, device_id=self.cfg.device_id, class_names=classes,
+                    zones=[z.name for z in self.cfg.events.zones], camera=self.cfg.capture.name,
+                    sw_version=__version__))
             self.publisher.start()
         web = None
         if self.cfg.web.enabled:
