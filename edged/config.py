@@ -79,21 +79,38 @@ class EncoderConfig(_Section):
 
 # ---------------------------------------------------------------------------------------------- tracker
 class TrackerConfig(_Section):
-    max_age: int = Field(30, ge=1, le=10000, description="Misses before a confirmed track is deleted.")
+    max_age: int = Field(
+        70, ge=1, le=10000,
+        description="Misses before a confirmed track is deleted (the original DeepSORT paper code used 30, "
+        "its later default is 70: with appearance, a person can be re-found after ~3 s at 25 fps).",
+    )
     n_init: int = Field(3, ge=1, le=100, description="Consecutive hits before a track is confirmed.")
     max_iou_distance: float = Field(0.7, gt=0.0, le=1.0)
     max_cosine_distance: float = Field(0.2, gt=0.0, le=2.0)
     nn_budget: Optional[int] = Field(100, ge=1, le=10000, description="Features kept per track.")
     min_confidence: float = Field(0.3, ge=0.0, le=1.0, description="Detections below are not tracked.")
     gating_threshold: float = Field(
-        9.4877, gt=0.0, description="Squared-Mahalanobis gate (chi-square 0.95, 4 dof)."
+        18.4668, gt=0.0,
+        description="Squared-Mahalanobis gate for appearance matches: chi-square 0.999, 4 dof (the original "
+        "uses 0.95: 9.4877). Appearance decides; the gate only has to reject implausible jumps.",
     )
     use_appearance: bool = Field(True, description="False = motion + IoU only.")
     # Improvements over the original DeepSORT; each one measured alone in docs/tracker.md.
     feature_ema: float = Field(
-        0.0, ge=0.0, lt=1.0,
+        0.9, ge=0.0, lt=1.0,
         description="Track appearance as an exponential moving average with this momentum (StrongSORT: "
         "0.9); 0 = the original gallery of the last nn_budget features (nearest-neighbour distance).",
+    )
+    appearance_prototypes: int = Field(
+        4, ge=1, le=64,
+        description="With feature_ema: EMA prototypes kept per track (1 = one EMA vector). A feature far "
+        "(> max_cosine_distance) from all of them starts a new one, replacing the stalest; matching uses "
+        "the nearest prototype.",
+    )
+    ema_gallery_fallback: bool = Field(
+        False,
+        description="With feature_ema: also keep the nn_budget gallery; a pair the EMA rejects is re-checked "
+        "against the gallery's nearest view (admissible pairs only), so EMA speed with gallery robustness.",
     )
     nsa_kalman: bool = Field(
         False, description="Scale the measurement noise by (1 - detection score) (NSA Kalman, GIAOTracker)."
@@ -113,6 +130,16 @@ class TrackerConfig(_Section):
     )
     high_score: float = Field(0.6, ge=0.0, le=1.0, description="ByteTrack split between high and low detections.")
     low_score: float = Field(0.1, ge=0.0, le=1.0, description="ByteTrack: lower detections are ignored.")
+    gate_position_only: bool = Field(
+        True,
+        description="Gate appearance matches on the box centre only (gating_threshold's chi-square quantile "
+        "taken at 2 dof) instead of centre, aspect and height: a partly visible person changes aspect a lot.",
+    )
+    iou_stage_max_cosine: float = Field(
+        0.4, ge=0.0, le=2.0,
+        description="In the IoU association, a confirmed track only takes a detection within this cosine "
+        "distance of its appearance; 2 = off (original: IoU alone).",
+    )
     observation_reupdate: bool = Field(
         False,
         description="OC-SORT: when a lost track is found again, replay the Kalman filter along a straight "
