@@ -54,6 +54,11 @@ class Tracker:
         self.cfg = cfg or TrackerConfig()
         self._next_id = 1
         self._n = 0
+        self._gate = self.cfg.gating_threshold
+        if self.cfg.gate_position_only:
+            from scipy.stats import chi2  # same confidence level, 2 instead of 4 degrees of freedom
+
+            self._gate = float(chi2.ppf(chi2.cdf(self.cfg.gating_threshold, 4), 2))
         self._state = np.zeros((32, WIDTH))
         # Appearance pool, allocated when the first features arrive.
         self._feature_dim = 0
@@ -62,8 +67,12 @@ class Tracker:
         self._gallery: Optional[np.ndarray] = None  # (C, B, D) nearest-neighbour gallery (original)
         self._gallery_pos: Optional[np.ndarray] = None  # (C,) features written so far
         self._feature_sum: Optional[np.ndarray] = None  # (C, D) sum of features (gallery-mode snapshot)
-        self._ema: Optional[np.ndarray] = None  # (C, D) EMA appearance, L2-normalised
-        self._feature_count: Optional[np.ndarray] = None  # (C,) features integrated in the EMA
+        # EMA appearance: K prototypes per track (K = cfg.appearance_prototypes, 1 = plain EMA), each
+        # L2-normalised, with the number of features merged in and the frame of its last update.
+        self._ema: Optional[np.ndarray] = None  # (C, K, D)
+        self._feature_count: Optional[np.ndarray] = None  # (C, K)
+        self._proto_stamp: Optional[np.ndarray] = None  # (C, K)
+        self._frame = 0
         self._has_feature: Optional[np.ndarray] = None  # (C,) any feature seen yet
 
     # ------------------------------------------------------------------------------------------ public
@@ -133,12 +142,12 @@ class Tracker:
             if rows.size:
                 cols = np.nonzero(det_free)[0]
                 if cols.size:
-                    appearance = None
-                    if feats is not None and cfg.iou_stage_max_cosine < 2.0:
-                        appearance = self._appearance_cost(S[rows, SLOT].astype(np.intp), feats[cols])
-                        # Only confirmed tracks are held to their appearance (tentative ones have little).
-                        appearance[~confirmed[rows]] = 0.0
-                    r, c = self._iou_match(S, rows, cols, boxes, det_classes, cfg.max_iou_distance, appearance)
+                    # Only confirmed tracks are held to their appearance (tentative ones have little).
+                    check = feats is not None and cfg.iou_stage_max_cosine < 2.0
+                    r, c = self._iou_match(
+                        S, rows, cols, boxes, det_classes, cfg.max_iou_distance,
+                        feats if check else None, confirmed[rows] if check else None,
+                    )
                     if r.size:
                         match_det[rows[r]] = cols[c]
                         det_free[cols[c]] = False
@@ -170,13 +179,6 @@ class Tracker:
                 self._remove(dead)
 
         new_dets = np.nonzero(det_free)[0]
-        if new_dets.size and matched.size and cfg.birth_max_iou < 1.0:
-            # A second box on an already tracked object (no NMS upstream, part + whole body) would
-            # start a duplicate track that later steals the object's identity.
-            taken = match_det[matched]
-            overlap = iou_matrix(boxes[new_dets], boxes[taken])
-            overlap[det_classes[new_dets][:, None] != det_classes[taken][None, :]] = 0.0
-            new_dets = new_dets[overlap.max(axis=1) <= cfg.birth_max_iou]
         if new_dets.size:
             self._start_tracks(new_dets, z, scores, det_classes, feats)
 
@@ -202,7 +204,7 @@ class Tracker:
         maha = kalman.gating_distance(
             tracks[:, MEAN], tracks[:, COV].reshape(-1, 3, 4), z[cols], cfg.gate_position_only
         )
-        allowed = maha <= (kalman.CHI2INV95[2] if cfg.gate_position_only else cfg.gating_threshold)
+        allowed = maha <= self._gate
         allowed &= tracks[:, CLASS][:, None] == det_classes[cols][None, :]
         cost = np.full(maha.shape, INFTY_COST)
         # Only tracks with some admissible detection need an appearance / IoU cost.
@@ -213,7 +215,13 @@ class Tracker:
                 slots = tracks[live, SLOT].astype(np.intp)
                 det_f = feats[cols]
                 if self._ema is not None:
-                    sub = cosine_distance_ema(self._ema[slots], det_f)
+                    sub = self._prototype_distance(slots, det_f)
+                    if self._gallery is not None:
+                        # EMA says no: give the gallery (nearest stored view) its say, admissible pairs only.
+                        pi, pj = np.nonzero((sub > threshold) & allowed[live])
+                        if pi.size:
+                            nn = self._nn_distance(slots[pi], det_f[pj])
+                            sub[pi, pj] = np.minimum(sub[pi, pj], nn)
                 else:
                     used = min(self._gallery.shape[1], int(self._gallery_pos[slots].max()))
                     sub = cosine_distance_gallery(self._gallery[slots, :used], det_f)
@@ -229,21 +237,46 @@ class Tracker:
         cost[~allowed] = INFTY_COST
         return cost, threshold
 
-    def _appearance_cost(self, slots, det_f):
-        if self._ema is not None:
-            sub = cosine_distance_ema(self._ema[slots], det_f)
-        else:
-            used = max(1, min(self._gallery.shape[1], int(self._gallery_pos[slots].max())))
-            sub = cosine_distance_gallery(self._gallery[slots, :used], det_f)
-        sub[~self._has_feature[slots]] = 0.0
-        return sub
+    def _prototype_distance(self, slots: np.ndarray, det_f: np.ndarray) -> np.ndarray:
+        """(T, N) smallest cosine distance between each detection and the tracks' EMA prototypes."""
+        protos = self._ema[slots]
+        t, k, d = protos.shape
+        dist = 1.0 - (protos.reshape(t * k, d) @ det_f.T).reshape(t, k, -1).max(axis=1)
+        return dist
 
-    def _iou_match(self, S, rows, cols, boxes, det_classes, max_distance, appearance=None):
+    def _nn_distance(self, slots: np.ndarray, det_f: np.ndarray) -> np.ndarray:
+        """(P,) nearest-neighbour cosine distance of detection features to the galleries of P slots."""
+        used = max(1, min(self._gallery.shape[1], int(self._gallery_pos[slots].max())))
+        dots = np.einsum("pbd,pd->pb", self._gallery[slots, :used], det_f)
+        return 1.0 - dots.max(axis=1)
+
+    def _pair_distance(self, slots: np.ndarray, det_f: np.ndarray, threshold: float) -> np.ndarray:
+        """(P,) appearance distance of P (track slot, detection feature) pairs; tracks without any
+        feature yet get 0 (no evidence against)."""
+        if self._ema is not None:
+            d = 1.0 - np.einsum("pkd,pd->pk", self._ema[slots], det_f).max(axis=1)
+            if self._gallery is not None:
+                far = np.nonzero(d > threshold)[0]
+                if far.size:
+                    d[far] = np.minimum(d[far], self._nn_distance(slots[far], det_f[far]))
+        else:
+            d = self._nn_distance(slots, det_f)
+        d[~self._has_feature[slots]] = 0.0
+        return d
+
+    def _iou_match(self, S, rows, cols, boxes, det_classes, max_distance, feats=None, check=None):
+        """IoU association; with `feats`, rows flagged in `check` only take detections whose appearance
+        is within cfg.iou_stage_max_cosine."""
         tracks = S[rows]
         cost = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks), boxes[cols])
         cost[tracks[:, CLASS][:, None] != det_classes[cols][None, :]] = INFTY_COST
-        if appearance is not None:
-            cost[appearance > self.cfg.iou_stage_max_cosine] = INFTY_COST
+        if feats is not None:
+            limit = self.cfg.iou_stage_max_cosine
+            pi, pj = np.nonzero((cost <= max_distance) & check[:, None])
+            if pi.size:
+                d = self._pair_distance(tracks[pi, SLOT].astype(np.intp), feats[cols[pj]], limit)
+                bad = d > limit
+                cost[pi[bad], pj[bad]] = INFTY_COST
         return min_cost_matching(cost, max_distance)
 
     def _apply_matches(self, S, rows, det_idx, z, scores, feats, low_matched) -> np.ndarray:
@@ -327,9 +360,11 @@ class Tracker:
             self._has_feature[slots] = False
             if self._ema is not None:
                 self._feature_count[slots] = 0.0
+                self._proto_stamp[slots] = -1.0
             if self._gallery is not None:
                 self._gallery[slots] = 0.0
                 self._gallery_pos[slots] = 0
+            if self._feature_sum is not None:
                 self._feature_sum[slots] = 0.0
             if feats is not None:
                 self._add_features(slots, feats[det_idx])
@@ -353,7 +388,8 @@ class Tracker:
         if self._feature_dim:
             slots = tracks[:, SLOT].astype(np.intp)
             if self._ema is not None:
-                f = self._ema[slots]
+                # The prototype with the most evidence stands for the track.
+                f = self._ema[slots, self._feature_count[slots].argmax(axis=1)]
             else:
                 f = self._feature_sum[slots]
                 f = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
@@ -381,6 +417,7 @@ class Tracker:
             self._has_feature[slots] = False
             if self._ema is not None:
                 self._feature_count[slots] = 0.0
+                self._proto_stamp[slots] = -1.0
 
     def _grow(self, capacity: int) -> None:
         old = self._capacity
@@ -394,13 +431,16 @@ class Tracker:
 
         self._has_feature = grown(self._has_feature, (capacity,), bool)
         if self.cfg.feature_ema > 0:
-            self._ema = grown(self._ema, (capacity, d), np.float32)
-            self._feature_count = grown(self._feature_count, (capacity,), np.float64)
+            k = self.cfg.appearance_prototypes
+            self._ema = grown(self._ema, (capacity, k, d), np.float32)
+            self._feature_count = grown(self._feature_count, (capacity, k), np.float64)
+            self._proto_stamp = grown(self._proto_stamp, (capacity, k), np.float64)
         else:
+            self._feature_sum = grown(self._feature_sum, (capacity, d), np.float64)
+        if self.cfg.feature_ema == 0 or self.cfg.ema_gallery_fallback:
             budget = self.cfg.nn_budget or 1000
             self._gallery = grown(self._gallery, (capacity, budget, d), np.float32)
             self._gallery_pos = grown(self._gallery_pos, (capacity,), np.int64)
-            self._feature_sum = grown(self._feature_sum, (capacity, d), np.float64)
         self._free_slots.extend(range(capacity - 1, old - 1, -1))
         self._capacity = capacity
 
@@ -415,19 +455,34 @@ class Tracker:
         if self._ema is not None:
             # Bias-corrected EMA: a plain mean over the first 1 / (1 - momentum) features, so the first
             # (often partial or occluded) view does not dominate the track's appearance for long.
-            count = self._feature_count[slots]
+            # With several prototypes, a feature far from all of them (another pose, an occluder, a bad
+            # box) starts its own prototype, replacing the stalest, instead of dragging the main one.
+            self._frame += 1
+            m = slots.size
+            protos = self._ema[slots]  # (M, K, D)
+            counts = self._feature_count[slots]
+            sims = np.einsum("mkd,md->mk", protos, feats)
+            sims[counts == 0] = -np.inf
+            best = sims.argmax(axis=1)
+            rows = np.arange(m)
+            merge = (1.0 - sims[rows, best] <= self.cfg.max_cosine_distance) | (protos.shape[1] == 1)
+            merge &= counts[rows, best] > 0
+            target = np.where(merge, best, self._proto_stamp[slots].argmin(axis=1))
+            count = np.where(merge, counts[rows, target], 0.0)
             alpha = np.minimum(self.cfg.feature_ema, count / (count + 1.0))[:, None]
-            new = alpha * self._ema[slots] + (1.0 - alpha) * feats
+            new = alpha * protos[rows, target] + (1.0 - alpha) * feats
             new /= np.sqrt(np.einsum("ij,ij->i", new, new))[:, None] + 1e-12
-            self._ema[slots] = new
-            self._feature_count[slots] = count + 1
+            self._ema[slots, target] = new
+            self._feature_count[slots, target] = count + 1
+            self._proto_stamp[slots, target] = self._frame
         else:
+            self._feature_sum[slots] += feats
+        if self._gallery is not None:
             budget = self._gallery.shape[1]
             pos = self._gallery_pos[slots]
             # Ring buffer: the last `budget` features stay, as in the original's gallery.
             self._gallery[slots, pos % budget] = feats
             self._gallery_pos[slots] = pos + 1
-            self._feature_sum[slots] += feats
         self._has_feature[slots] = True
 
 
