@@ -113,6 +113,39 @@ def run_once(cfg: EventsConfig, steps: List[TrackerStep], serialise: bool) -> di
     }
 
 
+def bench_geometry(cfg: EventsConfig, n: int, rng: np.random.Generator, reps: int = 2000) -> dict:
+    """Zone + line tests for n points at once vs one point at a time (what vectorising saves)."""
+    from edged import geometry
+
+    polys = geometry.pack_polygons([z.polygon for z in cfg.zones])
+    prev = np.roll(polys, 1, axis=1)
+    a = np.array([ln.points[0] for ln in cfg.lines]) * (W, H)
+    b = np.array([ln.points[1] for ln in cfg.lines]) * (W, H)
+    p = rng.uniform(0, 1, (n, 2))
+    q = p + rng.normal(0, 0.01, (n, 2))
+
+    def vectorised() -> None:
+        geometry.points_in_polygons(q, polys, prev)
+        geometry.signed_distance(q * (W, H), a, b)
+        geometry.segments_intersect(p * (W, H), q * (W, H), a, b)
+
+    def per_point() -> None:
+        for i in range(n):
+            geometry.points_in_polygons(q[i:i + 1], polys, prev)
+            geometry.signed_distance(q[i:i + 1] * (W, H), a, b)
+            geometry.segments_intersect(p[i:i + 1] * (W, H), q[i:i + 1] * (W, H), a, b)
+
+    out = {}
+    for name, fn, k in (("vectorised_us", vectorised, reps), ("per_point_loop_us", per_point, max(reps // 20, 10))):
+        t = []
+        for _ in range(k):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+        out[name] = round(float(np.median(t)) * 1e6, 1)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tracks", type=int, default=50)
@@ -141,6 +174,10 @@ def main() -> int:
               f"{best['frames_per_s']} frames/s, {best['events_per_s']} events/s; CPU {best['cpu_us_per_frame_mean']} us/frame "
               f"= {best['cpu_frames_per_s']} frames/s, {best['cpu_events_per_s']} events/s "
               f"({best['events']} events over {best['frames']} frames: {best['events_by_type']})")
+    results["geometry"] = bench_geometry(cfg, args.tracks, rng)
+    g = results["geometry"]
+    print(f"geometry, {args.tracks} points x {args.zones} zones + {args.lines} lines: vectorised "
+          f"{g['vectorised_us']} us, per-point loop {g['per_point_loop_us']} us")
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
     return 0
