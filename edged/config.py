@@ -42,6 +42,12 @@ class CaptureConfig(_Section):
     reconnect_min_s: float = Field(1.0, gt=0.0, le=60.0)
     reconnect_max_s: float = Field(30.0, gt=0.0, le=3600.0)
     queue_size: int = Field(2, ge=1, le=64, description="Frames buffered between capture and detection.")
+    live: Optional[bool] = Field(
+        None,
+        description="Frame policy: true = keep only the newest frame (drops counted), false = every frame "
+        "with backpressure. Default: true for cameras, streams and 'demo' (paced in real time), false for files.",
+    )
+    timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="Open/read timeout of network streams.")
 
     @model_validator(mode="after")
     def _backoff_order(self) -> "CaptureConfig":

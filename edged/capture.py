@@ -1,0 +1,450 @@
+"""Frame sources (V4L2 camera, video file, RTSP/HTTP stream, the demo scene) and the capture thread.
+
+Policies of `CaptureThread`:
+- live sources (cameras, streams, the paced demo) keep only the newest frame: a single-slot mailbox;
+  a frame overwritten before the consumer took it is counted as dropped, so a slow detector always
+  works on the present, never on a backlog, and memory stays flat;
+- files deliver every frame through a bounded buffer (`queue_size`) with a blocking put (backpressure,
+  no drops) and then signal end-of-stream (`ended`), unless `loop`;
+- `fps_cap` throttles: live frames arriving sooner than 1/fps_cap after the last delivered one are
+  skipped (counted), files are paced to at most fps_cap;
+- a source that cannot be opened or stops delivering is reopened with jittered exponential backoff
+  between reconnect_min_s and reconnect_max_s; every attempt is logged and counted; the thread never
+  dies of a source error.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Deque, Dict, Iterator, Optional, Union
+
+import cv2
+
+from edged.config import CaptureConfig, camera_index, resolve_path
+from edged.types import Frame
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {
+    ".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm", ".mpg", ".mpeg", ".ts", ".mts", ".flv", ".wmv",
+    ".mjpg", ".mjpeg", ".h264", ".264", ".h265", ".hevc", ".gif", ".y4m", ".ogv",
+}
+URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
+
+
+class SourceError(Exception):
+    """A source that cannot be opened right now (retried by the capture thread)."""
+
+
+class SourceSpecError(ValueError):
+    """A `capture.source` value that names no known kind of source (a configuration error)."""
+
+
+# ---------------------------------------------------------------------------------------------- sources
+class FrameSource:
+    """One producer of `Frame`s. `read()` returns None when no frame came: check `at_end`."""
+
+    kind = "source"
+    live = False
+
+    def __init__(self, description: str):
+        self.description = description
+        self.fps: Optional[float] = None
+        self.at_end = False  # True after the last frame of a finite source (not an error)
+        self._index = 0
+        self._stop: Optional[threading.Event] = None  # set by CaptureThread: interrupts pacing waits
+
+    def bind_stop(self, stop: threading.Event) -> None:
+        self._stop = stop
+
+    def open(self) -> None:
+        raise NotImplementedError
+
+    def read(self) -> Optional[Frame]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.description}>"
+
+
+class OpenCvSource(FrameSource):
+    """A cv2.VideoCapture: camera (V4L2), file, or network stream (FFmpeg)."""
+
+    def __init__(self, target: Union[int, str], kind: str, *, live: bool, backend: int = cv2.CAP_ANY,
+                 loop: bool = False, width: Optional[int] = None, height: Optional[int] = None,
+                 fps: Optional[float] = None, timeout_s: float = 10.0):
+        super().__init__(f"{kind} {target}")
+        self.target = target
+        self.kind = kind
+        self.live = live
+        self.backend = backend
+        self.loop = loop
+        self.req_width, self.req_height, self.req_fps = width, height, fps
+        self.timeout_s = timeout_s
+        self._cap: Optional[cv2.VideoCapture] = None
+        self._t0 = 0.0
+        self._pos = 0  # frame position in the file (for stream_time)
+        self._loop_offset = 0.0
+
+    def open(self) -> None:
+        self.close()
+        self.at_end = False
+        if self.kind == "file" and not Path(str(self.target)).exists():
+            raise SourceError(f"video file {self.target} does not exist (yet)")
+        params = []
+        if self.kind == "url":
+            ms = int(self.timeout_s * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+        cap = cv2.VideoCapture(self.target, self.backend, params) if params else cv2.VideoCapture(self.target, self.backend)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"OpenCV cannot open {self.description}")
+        if self.kind == "camera":
+            if self.req_width:
+                cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.req_width)
+            if self.req_height:
+                cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self.req_height)
+            if self.req_fps:
+                cap.set(cv2.CAP_PROP_FPS, self.req_fps)
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        self.fps = float(fps) if fps and 0 < fps < 1000 else self.fps
+        self._cap = cap
+        self._t0 = time.monotonic()
+        self._pos = 0
+        self._loop_offset = 0.0
+
+    def read(self) -> Optional[Frame]:
+        if self._cap is None:
+            return None
+        ok, image = self._cap.read()
+        if not ok and self.kind == "file" and self._pos > 0:
+            if not self.loop:
+                self.at_end = True
+                return None
+            # Rewind: indices and stream time keep increasing so the tracker sees one continuous stream.
+            self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            self._loop_offset += self._pos / (self.fps or 25.0)
+            self._pos = 0
+            ok, image = self._cap.read()
+        if not ok or image is None:
+            return None
+        now = time.time()
+        if self.kind == "file":
+            stream_time = self._loop_offset + self._pos / (self.fps or 25.0)
+        else:
+            stream_time = time.monotonic() - self._t0
+        frame = Frame(image=image, index=self._index, timestamp=now, stream_time=stream_time)
+        self._index += 1
+        self._pos += 1
+        return frame
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+class DemoSource(FrameSource):
+    """The synthetic scene (edged.scene). Live: paced at the scene's fps in real time."""
+
+    kind = "demo"
+
+    def __init__(self, spec: Any = None, *, live: bool = True, loop: bool = False):
+        from edged.scene import Scene, default_scene
+
+        self.scene = Scene(spec if spec is not None else default_scene())
+        super().__init__(f"demo scene ({self.scene.spec.n_frames} frames @ {self.scene.spec.fps:g} fps)")
+        self.live = live
+        self.loop = loop
+        self.fps = float(self.scene.spec.fps)
+        self._pos = 0
+        self._t0 = 0.0
+        self._start_index = 0
+
+    def open(self) -> None:
+        self.at_end = False
+        self._pos = 0
+        self._t0 = time.monotonic()
+        self._start_index = self._index
+
+    def read(self) -> Optional[Frame]:
+        n = self.scene.spec.n_frames
+        if self._pos >= n:
+            if not self.loop:
+                self.at_end = True
+                return None
+            self._pos = 0
+        if self.live:
+            due = self._t0 + (self._index - self._start_index) / self.fps
+            delay = due - time.monotonic()
+            if delay > 0:
+                if self._stop is not None:
+                    if self._stop.wait(delay):
+                        return None
+                else:
+                    time.sleep(delay)
+        image, _ = self.scene.frame(self._pos)
+        frame = Frame(image=image, index=self._index, timestamp=time.time(), stream_time=self._index / self.fps)
+        self._pos += 1
+        self._index += 1
+        return frame
+
+
+def describe_source_kinds() -> str:
+    return ("a camera index (0), a /dev/videoN path, a video file (.mp4, .avi, ...), an rtsp:// or "
+            "http(s):// URL, or 'demo'")
+
+
+def open_source(cfg: CaptureConfig, config_path: Union[str, Path, None] = None,
+                source_override: Union[str, int, None] = None) -> FrameSource:
+    """The FrameSource for `capture.source` (or the override). Does not open it: the capture thread
+    does, with retries. Raises SourceSpecError for a value that names no known kind of source."""
+    source: Union[int, str] = cfg.source if source_override is None else source_override
+    if isinstance(source, str):
+        source = source.strip()
+    where = "--source" if source_override is not None else "capture.source"
+    if source == "":
+        raise SourceSpecError(f"{where}: empty; expected {describe_source_kinds()}")
+    live_override = cfg.live
+    common = dict(width=cfg.width, height=cfg.height, fps=None, timeout_s=cfg.timeout_s)
+    if isinstance(source, str) and source.lower() == "demo":
+        return DemoSource(live=True if live_override is None else live_override, loop=cfg.loop)
+    index = camera_index(source)
+    if index is not None:
+        # V4L2 wants the index; /dev/videoN maps to N.
+        return OpenCvSource(index, "camera", live=True if live_override is None else live_override,
+                            backend=cv2.CAP_V4L2, **common)
+    assert isinstance(source, str)
+    lower = source.lower()
+    if "://" in lower:
+        if not lower.startswith(URL_SCHEMES):
+            scheme = source.split("://", 1)[0]
+            raise SourceSpecError(f"{where}: unsupported URL scheme {scheme!r} in {source!r}; "
+                                  f"expected one of {', '.join(s[:-3] for s in URL_SCHEMES)}")
+        if lower.startswith(("rtsp://", "rtsps://")):
+            # TCP interleaving: UDP RTP loses packets (smeared frames) on Wi-Fi; the user's own setting wins.
+            os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
+        return OpenCvSource(source, "url", live=True if live_override is None else live_override,
+                            backend=cv2.CAP_FFMPEG, **common)
+    if source.startswith("/dev/"):
+        raise SourceSpecError(f"{where}: {source!r} is a device but not /dev/videoN; expected {describe_source_kinds()}")
+    path = resolve_path(source, config_path)
+    looks_like_video = path.suffix.lower() in VIDEO_SUFFIXES or "%0" in path.name  # %06d.jpg sequences
+    if not looks_like_video and not path.is_file():
+        raise SourceSpecError(
+            f"{where}: {source!r} is not a known kind of source (no such file, and not a video file name); "
+            f"expected {describe_source_kinds()}"
+        )
+    if path.is_dir():
+        raise SourceSpecError(f"{where}: {path} is a folder, expected a video file")
+    return OpenCvSource(str(path), "file", live=False if live_override is None else live_override,
+                        loop=cfg.loop, **common)
+
+
+# ---------------------------------------------------------------------------------------------- thread
+@dataclass
+class CaptureStats:
+    state: str  # starting | ok | reconnecting | ended | stopped
+    source: str
+    live: bool
+    captured: int  # frames read from the source
+    delivered: int  # frames taken by the consumer
+    dropped: int  # live: overwritten in the mailbox before being taken
+    skipped: int  # live: thrown away by fps_cap
+    reconnects: int  # failed opens + lost sources (each backoff attempt)
+    fps: float  # capture rate over the last frames
+    last_error: Optional[str]
+    last_index: int  # index of the newest captured frame (-1 before the first)
+
+
+class CaptureThread:
+    """Runs a FrameSource in a daemon thread; the consumer calls `get(timeout)`."""
+
+    def __init__(self, source: FrameSource, cfg: Optional[CaptureConfig] = None, live: Optional[bool] = None,
+                 *, rng: Optional[random.Random] = None):
+        self.source = source
+        self.cfg = cfg or CaptureConfig()
+        self.live = source.live if live is None else live
+        self.capacity = 1 if self.live else self.cfg.queue_size
+        self.ended = threading.Event()
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._buf: Deque[Frame] = collections.deque()
+        self._rng = rng or random.Random()
+        self._thread: Optional[threading.Thread] = None
+        self._times: Deque[float] = collections.deque(maxlen=30)
+        self._state = "starting"
+        self._captured = self._delivered = self._dropped = self._skipped = self._reconnects = 0
+        self._last_error: Optional[str] = None
+        self._last_index = -1
+        self._last_out = 0.0
+        source.bind_stop(self._stop)
+
+    # -------------------------------------------------------------------------------- consumer side
+    def start(self) -> "CaptureThread":
+        self._thread = threading.Thread(target=self._run, name=f"capture-{self.source.kind}", daemon=True)
+        self._thread.start()
+        return self
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        """The next frame (live: the newest), or None on timeout / after the end of the stream."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: self._buf or self.ended.is_set() or self._stop.is_set(), timeout)
+            if not ok or not self._buf:
+                return None
+            frame = self._buf.popleft()
+            self._delivered += 1
+            self._cond.notify_all()  # a blocked file producer may put again
+            return frame
+
+    def __iter__(self) -> Iterator[Frame]:
+        """Every frame until the source ends or the thread stops."""
+        while True:
+            frame = self.get(timeout=0.5)
+            if frame is not None:
+                yield frame
+            elif self.ended.is_set() or self._stop.is_set():
+                return
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop and join; True when the thread has exited."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stats_record(self) -> CaptureStats:
+        with self._cond:
+            return self._stats_locked()
+
+    def stats(self) -> Dict[str, Any]:
+        return asdict(self.stats_record())
+
+    def wait_for(self, predicate: Callable[[CaptureStats], bool], timeout: float) -> bool:
+        """Block until `predicate(stats)` holds (re-checked at every change), or timeout -> False."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self._stats_locked()), timeout)
+
+    def _stats_locked(self) -> CaptureStats:
+        fps = 0.0
+        if len(self._times) >= 2 and self._times[-1] > self._times[0]:
+            fps = (len(self._times) - 1) / (self._times[-1] - self._times[0])
+        return CaptureStats(self._state, self.source.description, self.live, self._captured, self._delivered,
+                            self._dropped, self._skipped, self._reconnects, round(fps, 3), self._last_error,
+                            self._last_index)
+
+    # -------------------------------------------------------------------------------- producer side
+    def _set(self, **changes: Any) -> None:
+        with self._cond:
+            for key, value in changes.items():
+                setattr(self, "_" + key, value)
+            self._cond.notify_all()
+
+    def _backoff(self, delay: float, reason: str) -> float:
+        """Count, log, wait (interruptibly) `delay` with jitter; return the next delay."""
+        wait = min(self.cfg.reconnect_max_s, delay * self._rng.uniform(0.8, 1.2))
+        with self._cond:
+            self._reconnects += 1
+            self._state = "reconnecting"
+            self._last_error = reason
+            n = self._reconnects
+            self._cond.notify_all()
+        log.warning("capture %s: %s; attempt %d, retrying in %.2f s", self.source.description, reason, n, wait)
+        self._stop.wait(wait)
+        return min(self.cfg.reconnect_max_s, delay * 2.0)
+
+    def _run(self) -> None:
+        delay = self.cfg.reconnect_min_s
+        opened = False
+        period = 1.0 / self.cfg.fps_cap if self.cfg.fps_cap > 0 else 0.0
+        try:
+            while not self._stop.is_set():
+                if not opened:
+                    try:
+                        self.source.open()
+                    except SourceError as exc:
+                        delay = self._backoff(delay, str(exc))
+                        continue
+                    except Exception as exc:  # a broken backend must not kill capture for good
+                        log.exception("capture %s: unexpected error while opening", self.source.description)
+                        delay = self._backoff(delay, f"{type(exc).__name__}: {exc}")
+                        continue
+                    opened = True
+                    log.info("capture %s: opened (%s)", self.source.description, "live" if self.live else "every frame")
+                try:
+                    frame = self.source.read()
+                except Exception as exc:
+                    log.exception("capture %s: read failed", self.source.description)
+                    frame, self.source.at_end = None, False
+                    self._last_error = f"{type(exc).__name__}: {exc}"
+                if frame is None:
+                    if self._stop.is_set():
+                        break
+                    if self.source.at_end:
+                        log.info("capture %s: end of stream after %d frames", self.source.description, self._captured)
+                        self._set(state="ended")
+                        self.ended.set()
+                        break
+                    self.source.close()
+                    opened = False
+                    delay = self._backoff(self.cfg.reconnect_min_s, "source stopped delivering frames")
+                    continue
+                delay = self.cfg.reconnect_min_s  # healthy again: the next outage starts the backoff over
+                self._deliver(frame, period)
+        finally:
+            self.source.close()
+            with self._cond:
+                if self._state != "ended":
+                    self._state = "stopped"
+                self._cond.notify_all()
+
+    def _deliver(self, frame: Frame, period: float) -> None:
+        now = time.monotonic()
+        with self._cond:
+            self._captured += 1
+            self._last_index = frame.index
+            self._times.append(now)
+            if self._state != "ok":
+                self._state = "ok"
+                self._last_error = None
+            self._cond.notify_all()  # stats changed (wait_for watchers)
+            if self.live:
+                if period and self._last_out and now - self._last_out < period:
+                    self._skipped += 1
+                    return
+                if self._buf:
+                    self._dropped += len(self._buf)
+                    self._buf.clear()
+                self._buf.append(frame)
+                self._last_out = now
+                self._cond.notify_all()
+                return
+        if period and self._last_out:
+            # Files: every frame, but not faster than fps_cap.
+            wait = self._last_out + period - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+        with self._cond:
+            # Backpressure: block while the buffer is full (the consumer's get() notifies).
+            self._cond.wait_for(lambda: len(self._buf) < self.capacity or self._stop.is_set())
+            if self._stop.is_set():
+                return
+            self._buf.append(frame)
+            self._last_out = time.monotonic()
+            self._cond.notify_all()
