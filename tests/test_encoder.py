@@ -41,6 +41,7 @@ def test_default_encoder_metadata_and_skimage_crop(default_encoder: AppearanceEn
     meta = read_metadata(DEFAULT_MODEL)
     assert meta is not None and meta["kind"] == "appearance_encoder"
     assert default_encoder.colour is not None  # fused learned + colour descriptor
+    assert default_encoder.suggested_max_cosine_distance == 0.12
     assert default_encoder.dim == default_encoder._learned_dim + default_encoder.colour.dim
     image = _astronaut()
     boxes = np.array([[150, 20, 350, 500], [0, 0, 100, 250], [400, 300, 600, 700]], float)  # last: partly outside

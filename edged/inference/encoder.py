@@ -19,7 +19,8 @@ Metadata (JSON, all keys optional except kind):
                "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},   # pixel units
      "output": {"name": "...", "weight": 1.0},
      "colour": {"weight": 2.0, "stripes": 6, "bins": [8, 4, 4], "width": 32, "height": 64,
-                "margin": 0.15, "sqrt": true}}
+                "margin": 0.15, "sqrt": true},
+     "suggested_max_cosine_distance": 0.12}      # for DeepSORT, measured for this encoder
 """
 
 from __future__ import annotations
@@ -239,6 +240,9 @@ class AppearanceEncoder:
         )
         self._learned_dim = int(np.prod(self._out.shape[1:])) if len(self._out.shape) > 1 else 1
         self.dim = self._learned_dim + (self.colour.dim if self.colour else 0)
+        suggested = meta.get("suggested_max_cosine_distance")
+        # The scale of cosine distances differs between encoders; the builder measures a threshold for its own.
+        self.suggested_max_cosine_distance: Optional[float] = float(suggested) if isinstance(suggested, (int, float)) else None
         self._lut = self._pixel_lut()
         # uint8 input with scale 1/255 and pixels/255 normalisation stores the pixels unchanged: skip the lookup.
         self._lut_is_identity = self._lut.dtype == np.uint8 and bool((self._lut == np.arange(256, dtype=np.uint8)).all())
