@@ -359,6 +359,8 @@ class Tracker:
             new[:, SLOT] = slots
             self._has_feature[slots] = False
             if self._ema is not None:
+                # Zero vectors are at distance 1 from everything: a recycled slot forgets its last owner.
+                self._ema[slots] = 0.0
                 self._feature_count[slots] = 0.0
                 self._proto_stamp[slots] = -1.0
             if self._gallery is not None:
@@ -367,7 +369,7 @@ class Tracker:
             if self._feature_sum is not None:
                 self._feature_sum[slots] = 0.0
             if feats is not None:
-                self._add_features(slots, feats[det_idx])
+                self._add_features(slots, feats[det_idx], new_tracks=True)
 
     def _remove(self, dead: np.ndarray) -> None:
         S = self._state[: self._n]
@@ -451,8 +453,13 @@ class Tracker:
         del self._free_slots[-k:]
         return np.asarray(taken, np.intp)
 
-    def _add_features(self, slots: np.ndarray, feats: np.ndarray) -> None:
-        if self._ema is not None:
+    def _add_features(self, slots: np.ndarray, feats: np.ndarray, new_tracks: bool = False) -> None:
+        if self._ema is not None and new_tracks:
+            self._frame += 1
+            self._ema[slots, 0] = feats
+            self._feature_count[slots, 0] = 1.0
+            self._proto_stamp[slots, 0] = self._frame
+        elif self._ema is not None:
             # Bias-corrected EMA: a plain mean over the first 1 / (1 - momentum) features, so the first
             # (often partial or occluded) view does not dominate the track's appearance for long.
             # With several prototypes, a feature far from all of them (another pose, an occluder, a bad
