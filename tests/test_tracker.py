@@ -207,3 +207,21 @@ def test_bookkeeping_on_a_real_sequence(cfg):
     counts = check_bookkeeping(steps, tracker)
     assert 8 <= counts["confirmed"] <= 60  # 10 people in the clip
     assert counts["deleted"] >= 1
+
+
+def test_recycled_appearance_slot_forgets_its_previous_owner():
+    cfg = TrackerConfig(max_age=2)
+    tracker = Tracker(cfg)
+    f, h, g = unit(7), unit(8), unit(9)
+    box = person(0, speed=0)
+    # Tentative frames are associated on IoU alone: track 1 learns two looks (two prototypes).
+    for feat in (f, h, f, f):
+        tracker.update(dets([box], feats=[feat]))
+    while len(tracker):
+        tracker.update(Detections.empty())
+    for _ in range(4):  # track 2 reuses the appearance slot, with its own look
+        step = tracker.update(dets([box], feats=[g]))
+    assert [t.track_id for t in step.tracks] == [2]
+    # Someone looking like track 1's second view, at the same place: not track 2.
+    step = tracker.update(dets([box], feats=[h]))
+    assert [(t.track_id, t.time_since_update) for t in step.tracks] == [(2, 1)]
