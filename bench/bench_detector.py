@@ -151,6 +151,7 @@ def main() -> int:
     ap.add_argument("--score", type=float, default=0.3)
     ap.add_argument("--cache", default="/tmp/edged-bench-detector", help="converted comparison models")
     ap.add_argument("--speed-frames", type=int, default=60, help="TUD frames timed per model (plus all MOT17)")
+    ap.add_argument("--speed-only", action="store_true", help="skip the quality part")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
     if not SHARED.exists():
@@ -179,7 +180,7 @@ def main() -> int:
 
     results: Dict[str, Dict] = {"threads": args.threads, "score_threshold": args.score, "quality": {}, "speed_ms": {}}
     datasets = {"MOT17-mini": load_mot17(), "TUD-Stadtmitte": load_tud()}
-    for ds, frames in datasets.items():
+    for ds, frames in ({} if args.speed_only else datasets).items():
         n_gt = sum(len(g) for _, g, _ in frames)
         for name, fn in dets.items():
             tp = fp = 0
