@@ -210,7 +210,7 @@ def default_scene(
     # Rows (cy) and heights were tuned with YOLOv3-tiny at 640x480 (see docs): its person score for the
     # astronaut portrait swings with the vertical position of the box relative to the network grid.
     objects = (
-        obj(1, "astronaut", 0.458, [(0.03, -1, 0.5625), (0.40, 1, 0.5625)]),
+        obj(1, "astronaut", 0.458, [(0.03, -1, 0.58), (0.40, 1, 0.58)]),
         obj(2, "cameraman", 0.396, [(0.30, -1, 0.354), (0.42, 0.30, 0.354), (0.60, 0.30, 0.354), (0.78, 1, 0.354)]),
         obj(3, "cat", 0.354, [(0.55, 1, 0.75), (0.85, -1, 0.75)]),
         obj(4, "cup", 0.25, [(0.05, -1, 0.131), (0.55, 1, 0.131)]),

@@ -197,3 +197,33 @@ def test_real_yolov3_tiny_sees_the_objects():
         assert total >= 10
         need = 0.9 if o.class_name == "person" else 0.8
         assert hits / total >= need, f"{o.sprite}: {hits}/{total} fully visible frames detected"
+
+
+@pytest.mark.slow
+def test_edged_int8_detector_sees_the_persons():
+    """The project's default full-int8 YOLOv3-tiny finds both persons on the fully visible frames."""
+    from edged.config import PROJECT_ROOT, DetectorConfig
+
+    model = PROJECT_ROOT / DetectorConfig().model
+    if not model.is_file():
+        pytest.skip(f"needs {model} (build it with scripts/build_models.sh)")
+    from edged.inference.yolo import YoloDetector
+
+    detector = YoloDetector.from_config(DetectorConfig(classes=["person"], score_threshold=0.3))
+    found: dict = {}
+    for i, image, boxes in render(default_scene()):
+        persons = [b for b in boxes if b.class_name == "person" and b.visibility >= 1.0]
+        if i % 2 or not persons:
+            continue
+        det = detector.detect(image)
+        for b in persons:
+            x1, y1, x2, y2 = b.xyxy
+            d = det.boxes
+            inter = (np.clip(np.minimum(d[:, 2], x2) - np.maximum(d[:, 0], x1), 0, None)
+                     * np.clip(np.minimum(d[:, 3], y2) - np.maximum(d[:, 1], y1), 0, None))
+            iou = inter / ((d[:, 2] - d[:, 0]) * (d[:, 3] - d[:, 1]) + b.w * b.h - inter)
+            hits, total = found.get(b.track_id, (0, 0))
+            found[b.track_id] = (hits + bool(((iou >= 0.5) & (det.scores > 0.5)).any()), total + 1)
+    assert len(found) >= 2
+    for track_id, (hits, total) in found.items():
+        assert total >= 10 and hits / total >= 0.9, f"person {track_id}: {hits}/{total} frames detected"
