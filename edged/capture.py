@@ -27,7 +27,7 @@ from typing import Any, Callable, Deque, Dict, Iterator, Optional, Union
 
 import cv2
 
-from edged.config import CaptureConfig, camera_index, resolve_path
+from edged.config import CaptureConfig, ConfigError, camera_index, resolve_path
 from edged.types import Frame
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,12 @@ class SourceError(Exception):
     """A source that cannot be opened right now (retried by the capture thread)."""
 
 
-class SourceSpecError(ValueError):
-    """A `capture.source` value that names no known kind of source (a configuration error)."""
+class SourceSpecError(ConfigError, ValueError):
+    """A `capture.source` value that names no known kind of source (a configuration error: the daemon
+    reports it like any other invalid key and exits non-zero)."""
+
+    def __init__(self, message: str):
+        super().__init__("capture.source", [message])
 
 
 # ---------------------------------------------------------------------------------------------- sources

@@ -228,3 +228,25 @@ def test_stop_before_start_and_twice():
     cap2 = CaptureThread(DemoSource(small_spec(n_frames=3), live=False)).start()
     assert cap2.stop() and cap2.stop()
     assert not cap2.is_alive()
+
+
+def test_fps_cap_skips_live_frames_but_never_file_frames(video: Path):
+    # A 0.01 fps cap: after the first delivered frame, every frame of the next 100 s is skipped.
+    cfg = CaptureConfig(source=str(video), loop=True, live=True, fps_cap=0.01)
+    cap = CaptureThread(open_source(cfg), cfg).start()
+    try:
+        assert cap.get(timeout=10) is not None
+        assert cap.wait_for(lambda s: s.captured >= 10, timeout=10)
+        assert cap.get(timeout=0.05) is None
+        st = cap.stats_record()
+        assert st.skipped >= 9 and st.dropped == 0 and st.delivered == 1
+    finally:
+        cap.stop()
+    # Files are paced instead: every frame still arrives.
+    cfg = CaptureConfig(source=str(video), fps_cap=240.0)
+    cap = CaptureThread(open_source(cfg), cfg).start()
+    try:
+        assert [f.index for f in read_all(cap)] == list(range(N_FRAMES))
+    finally:
+        cap.stop()
+    assert cap.stats()["skipped"] == 0
