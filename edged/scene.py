@@ -207,8 +207,11 @@ def default_scene(
         path = tuple(Waypoint(frame(t), px(x), y * height) for t, x, y in waypoints)
         return SceneObject(track_id, sprite, h, path, flip)
 
-    # Rows (cy) and heights were tuned with YOLOv3-tiny at 640x480 (see docs): its person score for the
-    # astronaut portrait swings with the vertical position of the box relative to the network grid.
+    # Rows (cy) and heights were tuned with YOLOv3-tiny at 640x480: its person score for the astronaut
+    # portrait swings with the vertical position of the box relative to the network grid (at cy 0.5625 it
+    # was found on 91 % of the frames, at 0.58 on all). Measured on every fully visible frame, score > 0.5
+    # and IoU >= 0.5 with the truth, seeds 0 and 1, fp32 OpenCV DNN and the int8 TFLite model alike:
+    # astronaut 45/45, cameraman 73/73, cat 29/29, cup 70-72/72.
     objects = (
         obj(1, "astronaut", 0.458, [(0.03, -1, 0.58), (0.40, 1, 0.58)]),
         obj(2, "cameraman", 0.396, [(0.30, -1, 0.354), (0.42, 0.30, 0.354), (0.60, 0.30, 0.354), (0.78, 1, 0.354)]),
