@@ -19,6 +19,7 @@ low-score detections, OC-SORT observation-centric re-update of recovered tracks.
 
 from __future__ import annotations
 
+import math
 from typing import List, Optional
 
 import numpy as np
@@ -56,9 +57,10 @@ class Tracker:
         self._n = 0
         self._gate = self.cfg.gating_threshold
         if self.cfg.gate_position_only:
-            from scipy.stats import chi2  # same confidence level, 2 instead of 4 degrees of freedom
-
-            self._gate = float(chi2.ppf(chi2.cdf(self.cfg.gating_threshold, 4), 2))
+            # Same chi-square quantile at 2 instead of 4 degrees of freedom. Closed forms:
+            # 1 - cdf4(x) = exp(-x/2) (1 + x/2) and ppf2(p) = -2 ln(1 - p).
+            x = self.cfg.gating_threshold
+            self._gate = x - 2.0 * math.log1p(x / 2.0)
         self._state = np.zeros((32, WIDTH))
         # Appearance pool, allocated when the first features arrive.
         self._feature_dim = 0
@@ -254,7 +256,7 @@ class Tracker:
         """(P,) appearance distance of P (track slot, detection feature) pairs; tracks without any
         feature yet get 0 (no evidence against)."""
         if self._ema is not None:
-            d = 1.0 - np.einsum("pkd,pd->pk", self._ema[slots], det_f).max(axis=1)
+            d = 1.0 - (self._ema[slots] @ det_f[:, :, None]).max(axis=(1, 2))
             if self._gallery is not None:
                 far = np.nonzero(d > threshold)[0]
                 if far.size:
@@ -385,7 +387,7 @@ class Tracker:
             return []
         boxes = kalman.xyah_to_boxes(tracks)
         velocity = tracks[:, 4:6]
-        ints = tracks[:, [ID, CLASS, HITS, AGE, TSU]].astype(np.int64).tolist()
+        ints = tracks[:, HITS:SLOT].astype(np.int64).tolist()  # hits, age, tsu, (score), id, class
         scores = tracks[:, SCORE].tolist()
         if self._feature_dim:
             slots = tracks[:, SLOT].astype(np.intp)
@@ -395,13 +397,14 @@ class Tracker:
             else:
                 f = self._feature_sum[slots]
                 f = (f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-            features: list = [row if ok else None for row, ok in zip(f, self._has_feature[slots].tolist())]
+            has = self._has_feature[slots]
+            features: list = list(f) if has.all() else [row if ok else None for row, ok in zip(f, has.tolist())]
         else:
             features = [None] * len(scores)
         return [
             TrackSnapshot(
-                track_id=i[0], class_id=i[1], box=b, score=s, velocity=v, hits=i[2], age=i[3],
-                time_since_update=i[4], feature=f,
+                track_id=i[4], class_id=i[5], box=b, score=s, velocity=v, hits=i[0], age=i[1],
+                time_since_update=i[2], feature=f,
             )
             for i, b, s, v, f in zip(ints, boxes, scores, velocity, features)
         ]
@@ -465,17 +468,19 @@ class Tracker:
             # With several prototypes, a feature far from all of them (another pose, an occluder, a bad
             # box) starts its own prototype, replacing the stalest, instead of dragging the main one.
             self._frame += 1
-            m = slots.size
+            rows = np.arange(slots.size)
             protos = self._ema[slots]  # (M, K, D)
             counts = self._feature_count[slots]
-            sims = np.einsum("mkd,md->mk", protos, feats)
-            sims[counts == 0] = -np.inf
-            best = sims.argmax(axis=1)
-            rows = np.arange(m)
-            merge = (1.0 - sims[rows, best] <= self.cfg.max_cosine_distance) | (protos.shape[1] == 1)
-            merge &= counts[rows, best] > 0
-            target = np.where(merge, best, self._proto_stamp[slots].argmin(axis=1))
-            count = np.where(merge, counts[rows, target], 0.0)
+            if protos.shape[1] == 1:
+                target = np.zeros(slots.size, np.intp)
+                count = counts[:, 0]
+            else:
+                sims = (protos @ feats[:, :, None])[:, :, 0]
+                sims[counts == 0] = -4.0  # below any cosine similarity: empty prototypes never win
+                best = sims.argmax(axis=1)
+                merge = sims[rows, best] >= 1.0 - self.cfg.max_cosine_distance
+                target = np.where(merge, best, self._proto_stamp[slots].argmin(axis=1))
+                count = np.where(merge, counts[rows, target], 0.0)
             alpha = np.minimum(self.cfg.feature_ema, count / (count + 1.0))[:, None]
             new = alpha * protos[rows, target] + (1.0 - alpha) * feats
             new /= np.sqrt(np.einsum("ij,ij->i", new, new))[:, None] + 1e-12
