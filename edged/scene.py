@@ -21,7 +21,7 @@ import argparse
 import importlib.util
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union

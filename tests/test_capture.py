@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -250,3 +253,65 @@ def test_fps_cap_skips_live_frames_but_never_file_frames(video: Path):
     finally:
         cap.stop()
     assert cap.stats()["skipped"] == 0
+
+
+class _MjpegHandler(BaseHTTPRequestHandler):
+    """multipart/x-mixed-replace JPEG stream, as IP cameras serve it (real JPEGs of the demo scene)."""
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        i = 0
+        while not self.server.halt.is_set():
+            jpeg = self.server.jpegs[i % len(self.server.jpegs)]
+            i += 1
+            try:
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg)
+                                 + jpeg + b"\r\n")
+            except OSError:
+                return
+            self.server.halt.wait(0.02)  # ~50 fps camera
+
+
+def _start_mjpeg_server(port: int = 0) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer(("127.0.0.1", port), _MjpegHandler)
+    server.daemon_threads = True
+    server.halt = threading.Event()
+    scene = Scene(small_spec(n_frames=8))
+    server.jpegs = [cv2.imencode(".jpg", scene.frame(i)[0])[1].tobytes() for i in range(8)]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _stop_mjpeg_server(server: ThreadingHTTPServer) -> None:
+    server.halt.set()  # handlers return: the camera's connection closes mid-stream
+    server.shutdown()
+    server.server_close()
+
+
+def test_http_stream_that_goes_away_mid_stream_is_reopened():
+    server = _start_mjpeg_server()
+    port = server.server_address[1]
+    cfg = CaptureConfig(source=f"http://127.0.0.1:{port}/stream.mjpg", reconnect_min_s=0.05, reconnect_max_s=0.2,
+                        timeout_s=5.0)
+    source = open_source(cfg)
+    assert source.kind == "url" and source.live
+    cap = CaptureThread(source, cfg).start()
+    try:
+        first = cap.get(timeout=20)
+        assert first is not None and first.image.shape == (120, 160, 3)
+        _stop_mjpeg_server(server)  # the camera disappears
+        assert cap.wait_for(lambda s: s.state == "reconnecting" and s.reconnects >= 2, timeout=30)
+        assert cap.is_alive()
+        seen = cap.stats_record().last_index
+        server = _start_mjpeg_server(port)  # and comes back on the same address
+        assert cap.wait_for(lambda s: s.state == "ok" and s.captured >= 3 and s.last_index > seen, timeout=30)
+        frame = cap.get(timeout=20)
+        assert frame is not None and frame.index > first.index  # indices keep increasing across reconnects
+    finally:
+        assert cap.stop()
+        _stop_mjpeg_server(server)

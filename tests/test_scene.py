@@ -11,7 +11,6 @@ import pytest
 
 from edged import cli
 from edged.scene import (
-    SPRITES,
     Scene,
     SceneObject,
     SceneSpec,
