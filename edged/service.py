@@ -291,7 +291,8 @@ class Daemon:
                 frame: Frame = item.frame
                 if self.engine is None:
                     self.frame_size = frame.size
-                    self.engine = self.engine_factory(frame.size, getattr(self.source, "fps", None))
+                    fps = getattr(self.source, "fps", None)
+                    self.engine = self.engine_factory(frame.size, fps if fps and fps > 0 else None)
                 t0 = time.perf_counter()
                 step: TrackerStep = self.tracker.update(item.detections)
                 t1 = time.perf_counter()
