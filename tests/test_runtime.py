@@ -135,3 +135,21 @@ def test_quantize_dequantize_uint8_int8_float():
     np.testing.assert_array_equal(runtime.dequantize(x, f32), x)
     assert runtime.pixel_affine(u8) == pytest.approx((1.0, 0.0))
     assert runtime.pixel_affine(f32) is None
+
+
+def test_tensorflow_lite_backend_gives_the_same_outputs(monkeypatch):
+    pytest.importorskip("tensorflow")
+    x = np.random.default_rng(1).integers(0, 256, (1, 416, 416, 3), dtype=np.uint8)
+    litert = _invoke(DETECTOR, x)
+    monkeypatch.setenv("EDGED_TFLITE_RUNTIME", "tensorflow")
+    assert runtime.backend_name() == "tensorflow"
+    for a, b in zip(litert, _invoke(DETECTOR, x)):
+        # Same int8 kernels up to rounding in a few requantisation steps.
+        assert np.mean(a.astype(int) == b.astype(int)) > 0.99
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("EDGED_TFLITE_RUNTIME", "onnxruntime")
+    with pytest.raises(ModelError, match="EDGED_TFLITE_RUNTIME='onnxruntime': expected one of"):
+        runtime.load_interpreter(DETECTOR)

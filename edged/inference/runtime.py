@@ -32,26 +32,39 @@ class ModelError(Exception):
 
 
 # ---------------------------------------------------------------------------------------------- backend
-def _backend() -> Tuple[Any, Any, str]:
-    """(Interpreter class, load_delegate function, backend name) of the first runtime installed."""
-    try:
+BACKENDS = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+
+
+def _import_backend(name: str) -> Tuple[Any, Any, str]:
+    if name == "ai_edge_litert":
         from ai_edge_litert.interpreter import Interpreter, load_delegate  # type: ignore
 
-        return Interpreter, load_delegate, "ai_edge_litert"
-    except ImportError:
-        pass
-    try:
+        return Interpreter, load_delegate, name
+    if name == "tflite_runtime":
         from tflite_runtime.interpreter import Interpreter, load_delegate  # type: ignore
 
-        return Interpreter, load_delegate, "tflite_runtime"
-    except ImportError:
-        pass
-    try:
-        import tensorflow as tf  # type: ignore
+        return Interpreter, load_delegate, name
+    import tensorflow as tf  # type: ignore
 
-        return tf.lite.Interpreter, tf.lite.experimental.load_delegate, "tensorflow"
-    except ImportError:
-        pass
+    return tf.lite.Interpreter, tf.lite.experimental.load_delegate, "tensorflow"
+
+
+def _backend() -> Tuple[Any, Any, str]:
+    """(Interpreter class, load_delegate function, backend name) of the first runtime installed, or the
+    one named by the EDGED_TFLITE_RUNTIME environment variable."""
+    forced = os.environ.get("EDGED_TFLITE_RUNTIME", "").strip()
+    if forced:
+        if forced not in BACKENDS:
+            raise ModelError(f"EDGED_TFLITE_RUNTIME={forced!r}: expected one of {', '.join(BACKENDS)}")
+        try:
+            return _import_backend(forced)
+        except ImportError as exc:
+            raise ModelError(f"EDGED_TFLITE_RUNTIME={forced}: not installed ({exc})") from None
+    for name in BACKENDS:
+        try:
+            return _import_backend(name)
+        except ImportError:
+            continue
     raise ModelError(
         "no TFLite runtime installed: pip install ai-edge-litert (or tflite-runtime, or tensorflow)"
     )
