@@ -12,14 +12,13 @@ frame, `class` = COCO class index + 1 (so 1 = person, as in MOTChallenge) and `v
 the object's full box that is inside the frame and not covered by an object drawn on top of it.
 
 Same spec (seed included) -> identical frame bytes: positions are integer pixels and the sensor noise
-comes from a generator seeded with (seed, frame index).
+is a bank of frames drawn from a generator seeded with `seed`, picked per frame by (seed, frame index).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,7 +28,6 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------------- sprites
@@ -239,6 +237,15 @@ def _background(width: int, height: int) -> np.ndarray:
     return np.clip(bg + 0.5, 0, 255).astype(np.uint8)
 
 
+@lru_cache(maxsize=2)
+def _noise_bank(seed: int, width: int, height: int, sigma: float, count: int = 8) -> Tuple[np.ndarray, np.ndarray]:
+    """`count` frames of Gaussian sensor noise, split into the positive and negative parts (uint8)."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    noise = np.rint(rng.standard_normal((count, height, width, 3), dtype=np.float32) * sigma)
+    noise = np.clip(noise, -255, 255)
+    return np.maximum(noise, 0).astype(np.uint8), np.maximum(-noise, 0).astype(np.uint8)
+
+
 def _position(obj: SceneObject, frame: int) -> Optional[Tuple[float, float]]:
     path = obj.path
     if frame < path[0].frame or frame > path[-1].frame:
@@ -303,9 +310,11 @@ class Scene:
             dst = image[y1:y2, x1:x2]
             dst[:] = (src * a + dst.astype(np.float32) * (1.0 - a) + 0.5).astype(np.uint8)
         if spec.noise_sigma > 0:
-            rng = np.random.default_rng([spec.seed, index])
-            noise = rng.normal(0.0, spec.noise_sigma, image.shape).astype(np.float32)
-            image = np.clip(image.astype(np.float32) + noise + 0.5, 0, 255).astype(np.uint8)
+            plus, minus = _noise_bank(spec.seed, spec.width, spec.height, spec.noise_sigma)
+            k = int(np.random.default_rng([spec.seed, index]).integers(len(plus)))
+            # Saturating uint8 add/subtract: ~1 ms instead of ~30 ms for fresh float noise per frame.
+            cv2.add(image, plus[k], dst=image)
+            cv2.subtract(image, minus[k], dst=image)
         return image, _gt(spec, placed)
 
     def frames(self, start: int = 0) -> Iterator[Tuple[int, np.ndarray, List[GtBox]]]:
