@@ -123,7 +123,8 @@ class OpenCvSource(FrameSource):
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.fps = float(fps) if fps and 0 < fps < 1000 else self.fps
         self._cap = cap
-        self._t0 = time.monotonic()
+        if not self._t0:  # live stream time keeps running across reconnects (durations stay right)
+            self._t0 = time.monotonic()
         self._pos = 0
         self._loop_offset = 0.0
 
