@@ -312,6 +312,7 @@ def test_http_stream_that_goes_away_mid_stream_is_reopened():
         assert cap.wait_for(lambda s: s.state == "ok" and s.captured >= 3 and s.last_index > seen, timeout=30)
         frame = cap.get(timeout=20)
         assert frame is not None and frame.index > first.index  # indices keep increasing across reconnects
+        assert frame.stream_time > first.stream_time
     finally:
         assert cap.stop()
         _stop_mjpeg_server(server)
