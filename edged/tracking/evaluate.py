@@ -215,7 +215,8 @@ def sequence_name(gt_path: str) -> str:
 
 def format_table(scores: Sequence[Scores]) -> str:
     width = max(8, max(len(s.name) for s in scores))
-    head = f"{'sequence':<{width}}  {'MOTA':>6} {'IDF1':>6} {'HOTA':>6} {'DetA':>6} {'AssA':>6} {'IDsw':>5} {'FP':>6} {'FN':>6}"
+    cols = ("MOTA", "IDF1", "HOTA", "DetA", "AssA")
+    head = f"{'sequence':<{width}}  " + " ".join(f"{c:>6}" for c in cols) + f" {'IDsw':>5} {'FP':>6} {'FN':>6}"
     lines = [head]
     for s in scores:
         lines.append(

@@ -29,11 +29,6 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def cosine_distance_ema(track_features: np.ndarray, det_features: np.ndarray) -> np.ndarray:
-    """(T, N) 1 - cos between L2-normalised track and detection features."""
-    return 1.0 - track_features @ det_features.T
-
-
 def cosine_distance_gallery(galleries: np.ndarray, det_features: np.ndarray) -> np.ndarray:
     """(T, N) smallest 1 - cos between each detection and the features in each track's gallery.
 
