@@ -168,11 +168,13 @@ def test_works_without_appearance(mode):
 def test_bad_detections_raise_clear_errors():
     tracker = Tracker()
     bad = Detections(np.zeros((2, 4), np.float32), np.zeros(3, np.float32), np.zeros(2, np.int32))
-    with pytest.raises(ValueError, match="2 boxes but 3 scores"):
+    with pytest.raises(ValueError, match=r"2 boxes but scores of shape \(3,\)"):
         tracker.update(bad)
     bad = Detections(np.ones((2, 4), np.float32), np.ones(2, np.float32), np.zeros(2, np.int32), np.ones((3, 8)))
     with pytest.raises(ValueError, match="features must be"):
         tracker.update(bad)
+    with pytest.raises(ValueError, match="boxes must be"):
+        tracker.update(Detections(np.ones((2, 5), np.float32), np.ones(2, np.float32), np.zeros(2, np.int32)))
 
 
 def test_degenerate_and_low_score_boxes_start_no_tracks():
