@@ -1,5 +1,6 @@
 """`edged mot` / `edged eval` round trips, MOT file handling and the HOTA implementation."""
 
+import json
 import subprocess
 import sys
 
@@ -44,6 +45,9 @@ def test_eval_cli_on_a_hand_made_pair(tmp_path, capsys):
     assert o["MOTA"] == pytest.approx(0.75, abs=1e-3)
     assert o["IDF1"] == pytest.approx(12 / 17, abs=1e-3)
     assert (o["IDsw"], o["FP"], o["FN"]) == (1, 1, 0)
+    assert main(["eval", "--gt", str(gt), "--result", str(res), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert data["overall"]["IDSW"] == 1 and data["sequences"]["SEQ"]["MOTA"] == pytest.approx(0.75, abs=1e-3)
 
 
 def test_hota_hand_cases():

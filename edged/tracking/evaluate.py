@@ -11,6 +11,7 @@ TP/FN/FP and weighting AssA by TP, as TrackEval does.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,7 @@ def format_table(scores: Sequence[Scores]) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt", action="append", required=True, help="ground truth gt.txt (repeat per sequence)")
     parser.add_argument("--result", action="append", required=True, help="MOT result file, paired with --gt in order")
+    parser.add_argument("--json", action="store_true", help="also print one JSON line (last line) with all scores")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -249,5 +251,15 @@ def run(args: argparse.Namespace) -> int:
     except motio.MotFormatError as exc:
         print(f"edged eval: {exc}", file=sys.stderr)
         return 2
-    print(format_table(score(pairs)))
+    scores = score(pairs)
+    print(format_table(scores))
+    if args.json:
+        print(json.dumps({"sequences": {s.name: scores_dict(s) for s in scores[:-1]}, "overall": scores_dict(scores[-1])}))
     return 0
+
+
+def scores_dict(s: Scores) -> Dict[str, float]:
+    return {
+        "MOTA": s.mota, "IDF1": s.idf1, "HOTA": s.hota, "DetA": s.deta, "AssA": s.assa,
+        "IDSW": s.id_switches, "FP": s.false_positives, "FN": s.misses,
+    }
