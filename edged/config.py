@@ -84,6 +84,9 @@ class EncoderConfig(_Section):
 
 
 # ---------------------------------------------------------------------------------------------- tracker
+DEFAULT_MAX_COSINE_DISTANCE = 0.2  # DeepSORT's value, for encoders that do not say what suits them
+
+
 class TrackerConfig(_Section):
     max_age: int = Field(
         70, ge=1, le=10000,
@@ -92,7 +95,11 @@ class TrackerConfig(_Section):
     )
     n_init: int = Field(3, ge=1, le=100, description="Consecutive hits before a track is confirmed.")
     max_iou_distance: float = Field(0.7, gt=0.0, le=1.0)
-    max_cosine_distance: float = Field(0.2, gt=0.0, le=2.0)
+    max_cosine_distance: Optional[float] = Field(
+        None, gt=0.0, le=2.0,
+        description="Appearance gate (cosine distance). null = the value the encoder was calibrated for "
+        "(its metadata: 0.12 for the default encoder), 0.2 (the DeepSORT paper's) when it has none.",
+    )
     nn_budget: Optional[int] = Field(100, ge=1, le=10000, description="Features kept per track.")
     min_confidence: float = Field(0.3, ge=0.0, le=1.0, description="Detections below are not tracked.")
     gating_threshold: float = Field(
@@ -151,6 +158,13 @@ class TrackerConfig(_Section):
         description="OC-SORT: when a lost track is found again, replay the Kalman filter along a straight "
         "virtual path from its last observation instead of trusting the drifted prediction.",
     )
+
+    def resolved(self, encoder_suggestion: Optional[float] = None) -> "TrackerConfig":
+        """A copy with a concrete appearance gate: the configured one, else the encoder's, else 0.2."""
+        if self.max_cosine_distance is not None:
+            return self
+        value = encoder_suggestion if encoder_suggestion else DEFAULT_MAX_COSINE_DISTANCE
+        return self.model_copy(update={"max_cosine_distance": float(value)})
 
 
 # ---------------------------------------------------------------------------------------------- events

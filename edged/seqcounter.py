@@ -44,3 +44,27 @@ class SequenceCounter:
             value = self._next
             self._next += 1
             return value
+
+
+class IdReservation:
+    """Track ids that stay unique across restarts: a block of ids is reserved on disk at start (and
+    extended while running); a clean stop records the exact next id, so only a crash leaves a gap."""
+
+    def __init__(self, path: Path, block: int = 100_000):
+        self._counter = SequenceCounter(path, block)
+        self.first = self._counter._next
+
+    def _write(self, value: int) -> None:
+        self._counter._reserve(value)
+
+    def start(self) -> int:
+        self._write(self.first + self._counter._block)
+        return self.first
+
+    def ensure(self, next_id: int) -> None:
+        """Extend the reservation before the tracker can hand out ids beyond it."""
+        if next_id > self._counter._limit - self._counter._block // 2:
+            self._write(next_id + self._counter._block)
+
+    def close(self, next_id: int) -> None:
+        self._write(next_id)

@@ -151,7 +151,7 @@ class Daemon:
         from edged.events import EventEngine
         from edged.inference.yolo import YoloDetector
         from edged.tracking.tracker import Tracker
-        from edged.seqcounter import SequenceCounter
+        from edged.seqcounter import IdReservation, SequenceCounter
 
         self.state_dir = Path(cfg.state_dir).expanduser()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,12 @@ class Daemon:
             from edged.inference.encoder import AppearanceEncoder
 
             self.encoder = AppearanceEncoder.from_config(cfg.encoder, self.config_path)
-        self.tracker = Tracker(cfg.tracker)
+        suggestion = getattr(self.encoder, "suggested_max_cosine_distance", None)
+        self.tracker_cfg = cfg.tracker.resolved(suggestion)
+        self.track_ids = IdReservation(self.state_dir / "track_ids")
+        self.tracker = Tracker(self.tracker_cfg, first_id=self.track_ids.start())
+        log.info("tracker: appearance gate %.3f%s", self.tracker_cfg.max_cosine_distance,
+                 " (from the encoder's calibration)" if cfg.tracker.max_cosine_distance is None and suggestion else "")
         self.source = open_source(cfg.capture, self.config_path, self.source_override)
         self.capture = CaptureThread(self.source, cfg.capture)
         self.frame_size = None
@@ -373,6 +378,7 @@ class Daemon:
             # The watchdog is fed only while frames flow or the source is honestly reconnecting.
             if wd:
                 notifier.watchdog()
+            self.track_ids.ensure(self.tracker.next_id)
             if time.monotonic() >= next_stats:
                 next_stats += self.cfg.mqtt.stats_interval_s
                 self._emit(self.topics.stats, self.stats(), 0, "stats", coalesce="stats")
@@ -382,6 +388,8 @@ class Daemon:
         self.capture.stop()
         infer.join(timeout=10)
         track.join(timeout=10)
+        if not track.is_alive():
+            self.track_ids.close(self.tracker.next_id)
         if self.mot_fh is not None:
             self.mot_fh.close()
         if web is not None:

@@ -167,4 +167,4 @@ def test_version_and_config_commands():
     assert r.returncode == 0 and r.stdout.startswith("edged ")
     r = _run_cli("config", "--config", str(EXAMPLE))
     assert r.returncode == 0
-    assert yaml.safe_load(r.stdout)["tracker"]["max_age"] == 30
+    assert yaml.safe_load(r.stdout)["tracker"]["max_age"] == 70

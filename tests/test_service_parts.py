@@ -117,3 +117,18 @@ def test_logs_use_journald_priorities_under_systemd(tmp_path):
 def test_logs_are_plain_lines_on_a_terminal(tmp_path):
     text = _log_once({}, tmp_path / "plain.txt")
     assert "WARNING" in text and "edged.test: camera lost" in text and not text.startswith("<")
+
+
+def test_track_ids_unique_across_restarts(tmp_path):
+    from edged.seqcounter import IdReservation
+
+    path = tmp_path / "track_ids"
+    first = IdReservation(path, block=100)
+    assert first.start() == 1
+    first.ensure(80)  # past half the block: the reservation grows before ids can run out
+    # Crash: no close(). The next run starts beyond anything the first could have handed out.
+    second = IdReservation(path, block=100)
+    start2 = second.start()
+    assert start2 >= 180
+    second.close(start2 + 5)  # clean stop: exact, no gap
+    assert IdReservation(path, block=100).start() == start2 + 5

@@ -51,9 +51,11 @@ SECOND_ASSOCIATION_MAX_IOU_DISTANCE = 0.5
 class Tracker:
     """Multi-object tracker; one instance per camera. See the module docstring."""
 
-    def __init__(self, cfg: Optional[TrackerConfig] = None):
-        self.cfg = cfg or TrackerConfig()
-        self._next_id = 1
+    def __init__(self, cfg: Optional[TrackerConfig] = None, *, first_id: int = 1):
+        # max_cosine_distance null means "the encoder's calibrated value": callers that know the
+        # encoder resolve it first; here only DeepSORT's default is left.
+        self.cfg = (cfg or TrackerConfig()).resolved()
+        self._next_id = int(first_id)
         self._n = 0
         self._gate = self.cfg.gating_threshold
         if self.cfg.gate_position_only:
@@ -188,6 +190,11 @@ class Tracker:
             self._start_tracks(new_dets, z, scores, det_classes, feats)
 
         return TrackerStep(tracks=self.live_tracks(), confirmed=confirmed_ids, deleted=deleted)
+
+    @property
+    def next_id(self) -> int:
+        """The id the next new track will get (ids are never reused within a Tracker)."""
+        return self._next_id
 
     def live_tracks(self) -> List[TrackSnapshot]:
         """Confirmed tracks still alive (e.g. to emit exits at shutdown)."""
