@@ -159,6 +159,12 @@ class TrackerConfig(_Section):
         "virtual path from its last observation instead of trusting the drifted prediction.",
     )
 
+    exit_outside_frame: bool = Field(
+        False, description="Delete a missed track as soon as its predicted box has left the frame "
+        "(prompt exit events) instead of after max_age misses; off, a person who steps out and back in "
+        "within max_age keeps their id. Needs the frame size (the daemon has it).",
+    )
+
     def resolved(self, encoder_suggestion: Optional[float] = None) -> "TrackerConfig":
         """A copy with a concrete appearance gate: the configured one, else the encoder's, else 0.2."""
         if self.max_cosine_distance is not None:

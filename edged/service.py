@@ -269,6 +269,7 @@ class Daemon:
                     continue
                 t0 = time.perf_counter()
                 dets = self.detector.detect(frame.image)
+                dets.frame_size = frame.size
                 t1 = time.perf_counter()
                 if enc is not None and len(dets):
                     dets.features = enc.encode(frame.image, dets.boxes)

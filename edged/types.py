@@ -29,6 +29,7 @@ class Detections:
     scores: np.ndarray  # (N,) float32 in 0..1
     class_ids: np.ndarray  # (N,) int32
     features: Optional[np.ndarray] = None  # (N, D) float32, L2-normalised rows, or None
+    frame_size: Optional[tuple] = None  # (w, h) of the frame, when known (lets tracks leave the frame)
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -46,6 +47,7 @@ class Detections:
         return Detections(
             self.boxes[keep], self.scores[keep], self.class_ids[keep],
             None if self.features is None else self.features[keep],
+            self.frame_size,
         )
 
 

@@ -227,3 +227,24 @@ def test_recycled_appearance_slot_forgets_its_previous_owner():
     # Someone looking like track 1's second view, at the same place: not track 2.
     step = tracker.update(dets([box], feats=[h]))
     assert [(t.track_id, t.time_since_update) for t in step.tracks] == [(2, 1)]
+
+
+def _walk_out(exit_outside_frame: bool) -> int:
+    """A box walking right out of a 200 px wide frame; returns the frame its track is deleted in."""
+    t = Tracker(TrackerConfig(n_init=2, max_age=30, exit_outside_frame=exit_outside_frame))
+    for i in range(40):
+        x = 100 + 8 * i
+        d = dets([[x, 50, x + 40, 130]]) if x + 20 < 200 else dets(np.zeros((0, 4)))
+        d.frame_size = (200, 200)
+        step = t.update(d)
+        if step.deleted:
+            return i
+    return -1
+
+
+def test_track_leaving_the_frame_exits_at_once():
+    # Last seen with its centre at x=192 (frame 9); the predicted 40 px box is wholly beyond x=200
+    # from frame 13 (centre > 220).
+    assert _walk_out(True) == 13
+    # Without the switch it waits for max_age misses.
+    assert _walk_out(False) == -1 or _walk_out(False) > 30

@@ -179,6 +179,14 @@ class Tracker:
         deleted: List[TrackSnapshot] = []
         if n:
             dead = (match_det < 0) & ((S[:, CONFIRMED] == 0) | (S[:, TSU] > cfg.max_age))
+            if cfg.exit_outside_frame and dets.frame_size is not None:
+                # A missed track whose predicted box has left the frame entirely is gone: keeping it
+                # for max_age frames only delays its exit (and lets it grab whoever enters there next).
+                fw, fh = dets.frame_size
+                half_w, half_h = 0.5 * S[:, 2] * S[:, 3], 0.5 * S[:, 3]
+                x, y = S[:, 0], S[:, 1]
+                gone_out = (x + half_w < 0) | (x - half_w > fw) | (y + half_h < 0) | (y - half_h > fh)
+                dead |= (match_det < 0) & gone_out
             if dead.any():
                 gone = np.nonzero(dead & (S[:, CONFIRMED] > 0))[0]
                 if gone.size:
