@@ -18,9 +18,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +33,9 @@ from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 from edged.config import MqttConfig  # noqa: E402
 from edged.mqtt.client import MqttPublisher  # noqa: E402
 from edged.mqtt.outbox import Outbox  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _broker import start_mosquitto as _start_mosquitto  # noqa: E402
 
 
 def _payload(i: int) -> bytes:
@@ -79,32 +80,6 @@ def bench_outbox(rows: int, workdir: Path) -> dict:
     out["ack_many100_rows_per_s"] = len(ids) / (t3 - t2)
     ob.close()
     return out
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_mosquitto(workdir: Path):
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = _free_port()
-    conf = workdir / "mosquitto.conf"
-    # max_queued_messages 0: the default (1000 per subscriber) drops messages when our subscriber lags
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n")
-    os.chmod(workdir, 0o755)
-    os.chmod(conf, 0o644)
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mosquitto did not start")
 
 
 class _Sub:

@@ -17,9 +17,6 @@ import argparse
 import calendar
 import json
 import os
-import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,30 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _broker import start_mosquitto  # noqa: E402
 SHARED = ROOT.parent / "shared"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_broker(workdir: Path) -> tuple:
-    exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    port = free_port()
-    os.chmod(workdir, 0o777)
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("mosquitto did not start")
 
 
 def parse_ts(ts: str) -> float:
@@ -120,7 +96,7 @@ def main() -> int:
     lines = []
     with tempfile.TemporaryDirectory(prefix="edged-bench-") as tmp:
         work = Path(tmp)
-        broker, port = start_broker(work)
+        broker, port = start_mosquitto(work)
         try:
             # 1. latency with a live (paced) source
             sub = Subscriber(port, "edged/bench/#")

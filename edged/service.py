@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 
 from edged import __version__
 from edged.config import ConfigError, EdgedConfig, deep_merge, load_config, parse_assignment, read_password
