@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
+import threading
+import time
 import sys
 import urllib.request
 from collections import Counter
@@ -193,8 +194,7 @@ def test_debug_web_serves_health_snapshot_metrics(tmp_path, demo_video):
         assert port, "the daemon did not report its debug port"
         base = f"http://127.0.0.1:{port}"
         import cv2
-        import time as _t
-        deadline = _t.monotonic() + 60
+        deadline = time.monotonic() + 60
         while True:  # healthz turns 200 once frames flow; poll the real endpoint
             try:
                 with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
@@ -202,8 +202,8 @@ def test_debug_web_serves_health_snapshot_metrics(tmp_path, demo_video):
                     break
             except urllib.error.HTTPError as exc:
                 assert exc.code == 503
-                assert _t.monotonic() < deadline, "healthz never became ok"
-                _t.sleep(0.2)
+                assert time.monotonic() < deadline, "healthz never became ok"
+                time.sleep(0.2)
         with urllib.request.urlopen(base + "/snapshot.jpg", timeout=5) as r:
             img = cv2.imdecode(np.frombuffer(r.read(), np.uint8), cv2.IMREAD_COLOR)
         assert img is not None and img.shape[2] == 3
@@ -245,3 +245,42 @@ def test_tud_stadtmitte_video_scores(tmp_path, broker):
         assert enters <= 13
     finally:
         sub.close()
+
+
+def test_broker_down_at_start_up_20s_later_every_event_in_order(tmp_path, broker_factory, demo_video):
+    """The daemon starts while the broker is down, keeps working; 20 s later the broker comes up and
+    every event the daemon produced meanwhile arrives, in sequence order."""
+    _, video, _ = demo_video
+    broker = broker_factory(start=False)
+    cfg = _write_config(tmp_path, broker.port, str(video), capture={"loop": True, "name": "cam0"},
+                        detector={"classes": ["person", "cat", "cup"]})
+    proc = _spawn(cfg)
+    printed = []
+    reader = threading.Thread(target=lambda: [printed.append(json.loads(line)) for line in proc.stdout], daemon=True)
+    reader.start()
+    sub = None
+    try:
+        # The scenario: 20 s with no broker (a duration, not a synchronisation); the pipeline keeps
+        # producing events, which wait in the outbox.
+        time.sleep(20.0)
+        assert proc.poll() is None, "the daemon must keep running without a broker"
+        produced_while_down = [e for e in printed if e["type"] != "position"]
+        assert produced_while_down, "no event was produced during the outage"
+        broker.start()
+        sub = Collector(broker.port, "edged/testcam/#")
+        want = {e["event_id"] for e in produced_while_down}
+        got = lambda ms: want <= {json.loads(m.payload).get("event_id") for m in ms if m.topic.endswith("/events")}
+        assert sub.wait_for(got, 120), "events queued while the broker was down never arrived"
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        reader.join(10)
+        assert sub.wait_for(lambda ms: any(m.topic.endswith("/availability") and m.payload == b"offline" for m in ms), 30)
+        events = sub.payloads("/events")
+        seqs = [e["seq"] for e in events]
+        assert seqs == sorted(seqs), "events must arrive in sequence order"
+        assert {e["event_id"] for e in events} == {e["event_id"] for e in printed if e["type"] != "position"}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if sub is not None:
+            sub.close()
