@@ -37,8 +37,11 @@ else
   echo "edged: started a throwaway mosquitto on $HOST:$PORT (stopped when this script ends)"
 fi
 
+extra=()
+# The demo scene also has a cat and a cup; the default config tracks persons only.
+[ "$SOURCE" = demo ] && extra+=(--set "detector.classes=[person, cat, cup]")
 edged watch --config config/edged.yaml --host "$HOST" --port "$PORT" &
 pids+=($!)
 edged run --config config/edged.yaml --source "$SOURCE" --state-dir "$WORK/state" \
-  --set mqtt.host="$HOST" --set mqtt.port="$PORT" --set web.port=0 "$@"
+  --set mqtt.host="$HOST" --set mqtt.port="$PORT" --set web.port=0 "${extra[@]}" "$@"
 sleep 1  # let the watcher print the last messages (offline, final state) before it is stopped
