@@ -141,6 +141,8 @@ class Daemon:
         self.latest: Dict[str, Any] = {}  # newest frame + tracks for the debug web view
         self._rate_mark = (time.monotonic(), 0)
         self._threads: List[threading.Thread] = []
+        self._track_thread: Optional[threading.Thread] = None
+        self._run_started = time.monotonic()
         self._state_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ building
@@ -276,7 +278,7 @@ class Daemon:
                 self.timer.add("detect", (t1 - t0) * 1e3)
                 if enc is not None:
                     self.timer.add("encode", (t2 - t1) * 1e3)
-                self.det_queue.put(_Detected(frame, dets, (t1 - t0) * 1e3, (t2 - t1) * 1e3))
+                self._handoff(_Detected(frame, dets, (t1 - t0) * 1e3, (t2 - t1) * 1e3))
                 if self.max_frames and frame.index + 1 >= self.max_frames:
                     break
         except Exception as exc:  # a stage that dies must stop the daemon loudly, not hang it
@@ -284,7 +286,27 @@ class Daemon:
             self.errors.append(f"inference: {exc}")
             self.stop_event.set()
         finally:
-            self.det_queue.put(_END)
+            self._handoff(_END)
+
+    def _handoff(self, item: Any) -> None:
+        """Queue for the tracking stage; blocks (backpressure) only while that stage is alive."""
+        while True:
+            try:
+                self.det_queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                if self._track_thread is not None and not self._track_thread.is_alive():
+                    return  # tracking died: nobody will ever take it; the supervisor stops the daemon
+
+    def _pipeline_healthy(self, infer: threading.Thread, track: threading.Thread) -> bool:
+        """For the systemd watchdog: stages alive, and frames flowing or the source honestly
+        reconnecting. A hung stage stops the feeding and systemd restarts the service."""
+        if not (infer.is_alive() and track.is_alive()):
+            return False
+        state = self.capture.stats().get("state")
+        if state in ("starting", "reconnecting", "ended"):
+            return True
+        return time.monotonic() - (self.last_frame_at or self._run_started) < 30.0
 
     def _tracking_loop(self) -> None:
         published_state = -1
@@ -364,8 +386,9 @@ class Daemon:
             web = DebugServer(self, self.cfg.web)
             web.start()
         self.capture.start()
+        self._run_started = time.monotonic()
+        track = self._track_thread = self._start_thread(self._tracking_loop, "edged-track")
         infer = self._start_thread(self._inference_loop, "edged-infer")
-        track = self._start_thread(self._tracking_loop, "edged-track")
         notifier.ready(f"running on {self.source_override or self.cfg.capture.source}")
         log.info("edged %s running: device=%s source=%s mqtt=%s", __version__, self.cfg.device_id,
                  self.source_override or self.cfg.capture.source, "on" if self.publisher else "off")
@@ -375,8 +398,7 @@ class Daemon:
             self.stop_event.wait(min(1.0, wd or 1.0))
             if not track.is_alive():
                 break  # a file ended (or a stage failed): everything is processed
-            # The watchdog is fed only while frames flow or the source is honestly reconnecting.
-            if wd:
+            if wd and self._pipeline_healthy(infer, track):
                 notifier.watchdog()
             self.track_ids.ensure(self.tracker.next_id)
             if time.monotonic() >= next_stats:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -284,3 +285,32 @@ def test_broker_down_at_start_up_20s_later_every_event_in_order(tmp_path, broker
             proc.kill()
         if sub is not None:
             sub.close()
+
+
+def test_systemd_notify_ready_watchdog_stopping(tmp_path, demo_video):
+    """Type=notify through its real interface: a datagram socket standing in for systemd."""
+    import socket as socketlib
+
+    _, video, _ = demo_video
+    cfg = _write_config(tmp_path, 1, str(video), capture={"loop": True, "name": "cam0"}, mqtt={"enabled": False})
+    sock_path = tmp_path / "notify.sock"
+    server = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_DGRAM)
+    server.bind(str(sock_path))
+    server.settimeout(60)
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), WATCHDOG_USEC="1000000")
+    proc = subprocess.Popen([sys.executable, "-m", "edged", "run", "--config", str(cfg)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    try:
+        got = []
+        while not any(m.startswith("READY=1") for m in got):
+            got.append(server.recv(4096).decode())
+        while "WATCHDOG=1" not in got:  # fed while frames flow
+            got.append(server.recv(4096).decode())
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in got:
+            got.append(server.recv(4096).decode())
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.close()
