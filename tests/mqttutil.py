@@ -35,12 +35,18 @@ class Collector:
             self.client.tls_set(ca_certs=tls_auth["ca_file"])
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
+        self.client.on_disconnect = lambda c, u, f, rc, p: self._subscribed.clear()
         self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.05, 0.5)
         self.client.connect_async(host, port)
         self.client.loop_start()
         if not self._subscribed.wait(10):
             self.close()
             raise TimeoutError(f"could not subscribe to {topic} on {host}:{port}")
+
+    def wait_subscribed(self, timeout: float = 30.0) -> bool:
+        """After a broker restart paho reconnects by itself; this waits until it has re-subscribed."""
+        return self._subscribed.wait(timeout)
 
     def _on_message(self, _c, _u, msg) -> None:
         with self._cond:

@@ -314,3 +314,51 @@ def test_systemd_notify_ready_watchdog_stopping(tmp_path, demo_video):
         if proc.poll() is None:
             proc.kill()
         server.close()
+
+
+def test_60s_broker_outage_mid_stream_loses_no_event(tmp_path, broker_factory, demo_video):
+    """Stop the broker process for 60 s while the daemon runs, restart it: every event arrives
+    (duplicates allowed, removed by event_id) and availability is back to a retained `online`."""
+    from tests._mqtt_helpers import DEVICE_PASSWORD, DEVICE_USER, SUB_PASSWORD, SUB_USER, gated_broker
+
+    _, video, _ = demo_video
+    broker, gate = gated_broker(broker_factory, tmp_path)
+    cfg = _write_config(tmp_path, broker.port, str(video), capture={"loop": True, "name": "cam0"},
+                        detector={"classes": ["person", "cat", "cup"]},
+                        mqtt={"username": DEVICE_USER, "password": DEVICE_PASSWORD,
+                              "reconnect_min_s": 0.2, "reconnect_max_s": 1.0})
+    sub = Collector(broker.port, "edged/testcam/#", username=SUB_USER, password=SUB_PASSWORD)
+    proc = _spawn(cfg)
+    printed = []
+    reader = threading.Thread(target=lambda: [printed.append(json.loads(line)) for line in proc.stdout], daemon=True)
+    reader.start()
+    try:
+        assert sub.wait_for(lambda ms: any(m.topic.endswith("/events") for m in ms), 120), "no event before the outage"
+        broker.stop()
+        n_before = len(printed)
+        time.sleep(60.0)  # the scenario: a 60 s outage (a duration, not a synchronisation)
+        assert proc.poll() is None
+        assert len(printed) > n_before, "the pipeline must keep producing events during the outage"
+        # Keep the device out until our subscriber is back, so that what we measure is the device's
+        # delivery, not a race between two clients reconnecting.
+        gate.close()
+        broker.start()
+        assert sub.wait_subscribed(30)
+        gate.open()
+        want = {e["event_id"] for e in printed if e["type"] != "position"}
+        got = lambda ms: want <= {json.loads(m.payload).get("event_id") for m in ms if m.topic.endswith("/events")}
+        assert sub.wait_for(got, 120), "events produced during the outage were lost"
+        fresh = Collector(broker.port, "edged/testcam/availability", username=SUB_USER, password=SUB_PASSWORD)
+        try:
+            assert fresh.wait_for(lambda ms: any(m.retain and m.payload == b"online" for m in ms), 30)
+        finally:
+            fresh.close()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        sub.close()
