@@ -54,6 +54,17 @@ def _spawn(config: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+def _terminate(proc: subprocess.Popen) -> None:
+    """SIGTERM (the daemon's clean stop), SIGKILL if it does not stop within a minute."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def _validator(name: str):
     jsonschema = pytest.importorskip("jsonschema")
     schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
@@ -171,12 +182,7 @@ def test_sigkill_during_outage_loses_no_event(tmp_path, broker, demo_video):
         got = lambda ms: set(printed) <= {json.loads(m.payload).get("event_id") for m in ms if m.topic.endswith("/events")}
         assert sub.wait_for(got, 120), "events queued before the SIGKILL never arrived"
     finally:
-        proc2.send_signal(signal.SIGTERM)
-        try:
-            proc2.communicate(timeout=60)
-        finally:
-            if proc2.poll() is None:
-                proc2.kill()
+        _terminate(proc2)
         sub.close()
 
 
@@ -354,11 +360,5 @@ def test_60s_broker_outage_mid_stream_loses_no_event(tmp_path, broker_factory, d
         finally:
             fresh.close()
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
+        _terminate(proc)
         sub.close()

