@@ -81,6 +81,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    except Exception as exc:  # a model, source or state file that cannot be used: say which, no traceback
+        from edged.inference.runtime import ModelError
+
+        if isinstance(exc, (ModelError, OSError, ValueError)):
+            log.error("cannot start: %s", exc)
+            return 2
+        raise
 
 
 @dataclass
@@ -143,7 +150,6 @@ class Daemon:
         self._threads: List[threading.Thread] = []
         self._track_thread: Optional[threading.Thread] = None
         self._run_started = time.monotonic()
-        self._state_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------ building
     def _build(self) -> None:
@@ -170,7 +176,6 @@ class Daemon:
                  " (from the encoder's calibration)" if cfg.tracker.max_cosine_distance is None and suggestion else "")
         self.source = open_source(cfg.capture, self.config_path, self.source_override)
         self.capture = CaptureThread(self.source, cfg.capture)
-        self.frame_size = None
         self.seq = SequenceCounter(self.state_dir / "sequence")
         self.engine_factory = lambda size, fps: EventEngine(
             cfg.events,
@@ -185,7 +190,6 @@ class Daemon:
         self.engine = None
         self.outbox = None
         self.publisher = None
-        self.topics = None
         from edged.mqtt.topics import Topics
 
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
@@ -206,20 +210,28 @@ class Daemon:
 
     # ------------------------------------------------------------------------------------ output
     def _emit(self, topic: str, payload: dict, qos: int, kind: str, retain: bool = False, coalesce: Optional[str] = None) -> None:
-        data = json.dumps(payload, separators=(",", ":")).encode()
         if self.outbox is not None:
+            data = json.dumps(payload, separators=(",", ":")).encode()
             self.outbox.put(topic, data, qos=qos, retain=retain, kind=kind, coalesce_key=coalesce)
 
     def _emit_events(self, events: List[dict]) -> None:
+        """One frame's events: queued in one outbox transaction (one commit, not one per event)."""
         cfg = self.cfg.mqtt
+        rows = []
         for ev in events:
             self.events_emitted += 1
             if ev["type"] == "position":
-                self._emit(self.topics.tracks, ev, cfg.qos_tracks, "position")
+                topic, qos, kind = self.topics.tracks, cfg.qos_tracks, "position"
             else:
-                self._emit(self.topics.events, ev, cfg.qos_events, "event")
+                topic, qos, kind = self.topics.events, cfg.qos_events, "event"
                 log.info("event %s track=%s class=%s%s", ev["type"], ev.get("track_id"), ev.get("class"),
                          f" reason={ev['reason']}" if "reason" in ev else "")
+            if self.outbox is not None:
+                rows.append((topic, json.dumps(ev, separators=(",", ":")).encode(), qos, False, kind, None))
+        if rows:
+            self.outbox.put_many(rows)
+        # Printed / handed on only once committed: what a consumer sees here survives a crash.
+        for ev in events:
             if self.print_events:
                 print(json.dumps(ev), flush=True)
             if self.on_event is not None:
@@ -317,7 +329,6 @@ class Daemon:
                     break
                 frame: Frame = item.frame
                 if self.engine is None:
-                    self.frame_size = frame.size
                     fps = getattr(self.source, "fps", None)
                     self.engine = self.engine_factory(frame.size, fps if fps and fps > 0 else None)
                 t0 = time.perf_counter()

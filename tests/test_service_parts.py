@@ -132,3 +132,26 @@ def test_track_ids_unique_across_restarts(tmp_path):
     assert start2 >= 180
     second.close(start2 + 5)  # clean stop: exact, no gap
     assert IdReservation(path, block=100).start() == start2 + 5
+
+
+def test_run_with_a_broken_model_names_the_file(tmp_path):
+    import sys
+
+    broken = tmp_path / "broken.tflite"
+    broken.write_bytes(b"\x00" * 5)
+    cfg = tmp_path / "edged.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ndetector:\n  model: {broken}\nmqtt:\n  enabled: false\nweb:\n  enabled: false\n")
+    r = subprocess.run([sys.executable, "-m", "edged", "run", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert str(broken) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_run_with_an_unknown_source_kind_is_a_config_error(tmp_path):
+    import sys
+
+    cfg = tmp_path / "edged.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\nmqtt:\n  enabled: false\nweb:\n  enabled: false\n")
+    r = subprocess.run([sys.executable, "-m", "edged", "run", "--config", str(cfg), "--source", "ftp://cam/x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--source" in r.stderr and "ftp" in r.stderr and "Traceback" not in r.stderr
