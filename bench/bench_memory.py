@@ -7,7 +7,6 @@ real broker, resident set size sampled once a second from /proc. A leak shows as
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _broker import start_mosquitto  # noqa: E402
+from _common import report, start_mosquitto  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:
@@ -78,11 +77,7 @@ def main() -> int:
         f"| maximum | {max(warm):.1f} |",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(text)
+    report("\n".join(lines), args.out)
     return 0
 
 

@@ -35,7 +35,7 @@ from edged.mqtt.client import MqttPublisher  # noqa: E402
 from edged.mqtt.outbox import Outbox  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _broker import start_mosquitto as _start_mosquitto  # noqa: E402
+from _common import start_mosquitto as _start_mosquitto  # noqa: E402
 
 
 def _payload(i: int) -> bytes:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _broker import start_mosquitto  # noqa: E402
+from _common import report, start_mosquitto  # noqa: E402
 SHARED = ROOT.parent / "shared"
 
 
@@ -149,11 +149,7 @@ def main() -> int:
         *tput,
         "",
     ]
-    text = "\n".join(out)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as fh:
-            fh.write(text)
+    report("\n".join(out), args.out)
     return 0
 
 

@@ -476,10 +476,7 @@ def load_config(path: Union[str, Path, None], overlay: Optional[Dict[str, Any]] 
         data, root = parse_yaml(text, source)
     if overlay:
         # Errors in an overlay are reported by key path; lines refer to the file only.
-        try:
-            return build_config(deep_merge(data, overlay), source + " + overlay", None)
-        except ConfigError:
-            raise
+        return build_config(deep_merge(data, overlay), source + " + overlay", None)
     return build_config(data, source, root)
 
 

@@ -1,7 +1,7 @@
-"""Persistent, monotonic per-device event sequence numbers.
+"""Numbers that stay unique across restarts and crashes: event sequence numbers and track ids.
 
-Blocks of numbers are reserved on disk (fsync'd) and handed out from memory, so an event costs no I/O
-and a crash can only leave a gap, never a repeat.
+Both reserve a block of numbers on disk (fsync'd) and hand them out from memory, so a number costs no
+I/O and a crash can only leave a gap, never a repeat.
 """
 
 from __future__ import annotations
@@ -11,36 +11,42 @@ import threading
 from pathlib import Path
 
 
+def _read_reserved(path: Path) -> int:
+    """The first number not yet handed out by an earlier run (1 when there was none)."""
+    try:
+        return int(path.read_text().strip() or 1)
+    except FileNotFoundError:
+        return 1
+    except ValueError:
+        raise ValueError(f"{path}: corrupt sequence file (expected an integer)") from None
+
+
+def _write_reserved(path: Path, value: int) -> None:
+    """Atomically and durably record `value` (a crash leaves the old or the new value, never half)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(str(value))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 class SequenceCounter:
+    """Per-device event sequence numbers: `counter()` -> 1, 2, 3 ... strictly increasing forever."""
+
     def __init__(self, path: Path, block: int = 1000):
         self._path = Path(path)
         self._block = block
         self._lock = threading.Lock()
-        self._next = self._read_reserved()
+        self._next = _read_reserved(self._path)
         self._limit = self._next  # nothing reserved in this process yet
-
-    def _read_reserved(self) -> int:
-        try:
-            return int(self._path.read_text().strip() or 1)
-        except FileNotFoundError:
-            return 1
-        except ValueError:
-            raise ValueError(f"{self._path}: corrupt sequence file (expected an integer)") from None
-
-    def _reserve(self, upto: int) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(str(upto))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self._path)
-        self._limit = upto
 
     def __call__(self) -> int:
         with self._lock:
             if self._next >= self._limit:
-                self._reserve(self._next + self._block)
+                self._limit = self._next + self._block
+                _write_reserved(self._path, self._limit)
             value = self._next
             self._next += 1
             return value
@@ -51,20 +57,23 @@ class IdReservation:
     extended while running); a clean stop records the exact next id, so only a crash leaves a gap."""
 
     def __init__(self, path: Path, block: int = 100_000):
-        self._counter = SequenceCounter(path, block)
-        self.first = self._counter._next
+        self._path = Path(path)
+        self._block = block
+        self.first = _read_reserved(self._path)
+        self._limit = self.first
 
-    def _write(self, value: int) -> None:
-        self._counter._reserve(value)
+    def _reserve(self, value: int) -> None:
+        _write_reserved(self._path, value)
+        self._limit = value
 
     def start(self) -> int:
-        self._write(self.first + self._counter._block)
+        self._reserve(self.first + self._block)
         return self.first
 
     def ensure(self, next_id: int) -> None:
         """Extend the reservation before the tracker can hand out ids beyond it."""
-        if next_id > self._counter._limit - self._counter._block // 2:
-            self._write(next_id + self._counter._block)
+        if next_id > self._limit - self._block // 2:
+            self._reserve(next_id + self._block)
 
     def close(self, next_id: int) -> None:
-        self._write(next_id)
+        self._reserve(next_id)

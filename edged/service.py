@@ -94,23 +94,19 @@ def run(args: argparse.Namespace) -> int:
 class _Detected:
     frame: Frame
     detections: Detections
-    detect_ms: float
-    encode_ms: float
 
 
 class StageTimer:
-    """Exponential moving averages of per-stage milliseconds and rates, for stats and /metrics."""
+    """Exponential moving averages of per-stage milliseconds, for stats and /metrics."""
 
     def __init__(self) -> None:
         self.ms: Dict[str, float] = {}
-        self.counts: Dict[str, int] = {}
         self._lock = threading.Lock()
 
     def add(self, stage: str, ms: float) -> None:
         with self._lock:
             prev = self.ms.get(stage)
             self.ms[stage] = ms if prev is None else 0.9 * prev + 0.1 * ms
-            self.counts[stage] = self.counts.get(stage, 0) + 1
 
     def snapshot(self) -> Dict[str, float]:
         with self._lock:
@@ -147,7 +143,6 @@ class Daemon:
         self.errors: List[str] = []
         self.latest: Dict[str, Any] = {}  # newest frame + tracks for the debug web view
         self._rate_mark = (time.monotonic(), 0)
-        self._threads: List[threading.Thread] = []
         self._track_thread: Optional[threading.Thread] = None
         self._run_started = time.monotonic()
 
@@ -290,7 +285,7 @@ class Daemon:
                 self.timer.add("detect", (t1 - t0) * 1e3)
                 if enc is not None:
                     self.timer.add("encode", (t2 - t1) * 1e3)
-                self._handoff(_Detected(frame, dets, (t1 - t0) * 1e3, (t2 - t1) * 1e3))
+                self._handoff(_Detected(frame, dets))
                 if self.max_frames and frame.index + 1 >= self.max_frames:
                     break
         except Exception as exc:  # a stage that dies must stop the daemon loudly, not hang it
@@ -374,7 +369,6 @@ class Daemon:
     def _start_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
         t = threading.Thread(target=target, name=name, daemon=True)
         t.start()
-        self._threads.append(t)
         return t
 
     def run(self) -> int:

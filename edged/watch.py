@@ -37,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
     if m.username:
         client.username_pw_set(m.username, read_password(m, args.config))
     if m.tls.enabled:
-        client.tls_set(ca_certs=m.tls.ca_file, certfile=m.tls.cert_file, keyfile=m.tls.key_file)
+        # The daemon's own TLS set-up: same file resolution (next to the config) and clear errors.
+        from edged.mqtt.client import build_tls_context
+
+        client.tls_set_context(build_tls_context(m, args.config))
         client.tls_insecure_set(not m.tls.verify_hostname)
 
     def on_connect(c, _u, _f, rc, _p):

@@ -1,4 +1,4 @@
-"""A throwaway mosquitto on a free loopback port, for the benchmarks."""
+"""Shared by the benchmarks: a throwaway mosquitto on a free loopback port, and result output."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 
 def free_port() -> int:
@@ -36,3 +36,11 @@ def start_mosquitto(workdir: Path) -> Tuple[subprocess.Popen, int]:
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("mosquitto did not start")
+
+
+def report(text: str, out: Optional[str]) -> None:
+    """Print a markdown result block and, when asked, append it to a docs file."""
+    print(text)
+    if out:
+        with open(out, "a") as fh:
+            fh.write(text)
