@@ -330,6 +330,29 @@ class LoggingConfig(_Section):
     )
 
 
+class SupervisorConfig(_Section):
+    max_restarts: int = Field(
+        5, ge=0, le=1000,
+        description="A stage (capture, inference, tracking, publisher, web) that fails more often than this "
+        "within restart_window_s makes the daemon exit non-zero (the broker publishes `offline` from the "
+        "last will, systemd restarts the service).",
+    )
+    restart_window_s: float = Field(300.0, gt=0.0, le=86400.0)
+    backoff_min_s: float = Field(0.5, gt=0.0, le=60.0, description="First wait before restarting a failed stage.")
+    backoff_max_s: float = Field(30.0, gt=0.0, le=3600.0, description="The wait doubles up to this.")
+    stall_s: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="No processed frame for this long while the source delivers: unhealthy (systemd "
+        "watchdog not fed, /healthz 503).",
+    )
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "SupervisorConfig":
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError("backoff_max_s must be >= backoff_min_s")
+        return self
+
+
 class EdgedConfig(_Section):
     device_id: str = Field("edged", pattern=IDENT_RE, description="Unique per device; part of every topic.")
     state_dir: str = Field("state", description="Outbox, remote config and track ids live here.")
@@ -341,6 +364,7 @@ class EdgedConfig(_Section):
     mqtt: MqttConfig = MqttConfig()
     web: WebConfig = WebConfig()
     logging: LoggingConfig = LoggingConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
 
     def effective_client_id(self) -> str:
         return self.mqtt.client_id or f"edged-{self.device_id}"

@@ -33,9 +33,8 @@ import numpy as np
 
 from edged import geometry
 from edged.config import EventsConfig
-from edged.types import TrackerStep, TrackSnapshot
+from edged.types import EVENT_TYPES, TrackerStep, TrackSnapshot  # noqa: F401 (EVENT_TYPES re-exported)
 
-EVENT_TYPES = ("enter", "exit", "position", "zone_enter", "zone_exit", "line_cross")
 EXIT_REASONS = ("lost", "left_frame", "shutdown")
 ZONE_EXIT_REASONS = ("left_zone", "track_exit", "shutdown", "config_changed", "class_changed")
 DIRECTION_NAMES = {geometry.LEFT_TO_RIGHT: "left_to_right", geometry.RIGHT_TO_LEFT: "right_to_left"}

@@ -1,12 +1,13 @@
-"""`edged run`: the daemon.
+"""`edged run`: the daemon. Builds the parts from the config, runs them under a supervisor, handles
+signals and talks to systemd.
 
-Stages run in their own threads, joined by bounded queues, data flowing one way:
+    capture -> [inference stage] -> [tracking stage] -> outbox (SQLite) -> publisher -> MQTT
+                                         |                                    debug HTTP server
 
-    capture -> [frames] -> detect+encode -> [detections] -> track+events -> outbox (SQLite) -> publisher -> MQTT
-
-A live camera keeps only its newest frame (drops are counted), a file delivers every frame; a slow stage
-or a down broker never blocks capture, and memory stays flat. The supervisor loop watches the stages,
-feeds the systemd watchdog and publishes stats.
+The stage loops live in edged/pipeline.py; this module decides which parts to build, routes records to
+topics (edged/mqtt/topics.py owns the routing table), supervises every thread (edged/supervisor.py),
+feeds the systemd watchdog only while the pipeline and the publisher make progress, and publishes stats.
+Exit codes: edged/exitcodes.py.
 """
 
 from __future__ import annotations
@@ -14,24 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import queue
+import os
 import signal
+import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
-
-from edged import __version__
+from edged import __version__, exitcodes
 from edged.config import ConfigError, EdgedConfig, deep_merge, load_config, parse_assignment, read_password
 from edged.logs import setup_logging
+from edged.pipeline import Pipeline
 from edged.sdnotify import Notifier, watchdog_interval_s
+from edged.supervisor import Supervisor
 from edged.types import Detections, Frame, TrackerStep
 
 log = logging.getLogger("edged.service")
-
-_END = object()  # end-of-stream marker passed down the queues
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override one config key, e.g. --set tracker.max_age=50 (repeatable; YAML values)")
 
 
+class StartupError(Exception):
+    """A start-up failure: one line for the log, and the exit code it maps to."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         overlay: Dict[str, Any] = {}
@@ -57,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         setup_logging()
         log.error("%s", exc)
-        return 2
+        return exitcodes.CONFIG
     setup_logging(cfg.logging.level, cfg.logging.format)
     daemon = Daemon(
         cfg,
@@ -78,41 +86,118 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     try:
         return daemon.run()
-    except ConfigError as exc:
-        log.error("%s", exc)
-        return 2
-    except Exception as exc:  # a model, source or state file that cannot be used: say which, no traceback
-        from edged.inference.runtime import ModelError
-
-        if isinstance(exc, (ModelError, OSError, ValueError)):
-            log.error("cannot start: %s", exc)
-            return 2
-        raise
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return exc.exit_code
 
 
-@dataclass
-class _Detected:
-    frame: Frame
-    detections: Detections
+def startup_error(exc: BaseException) -> Optional[StartupError]:
+    """The exit code and one line for an exception raised while building the parts; None when it is
+    not a known start-up failure (a bug: the traceback is worth having)."""
+    from edged.inference.runtime import ModelError
+    from edged.mqtt.client import MqttSetupError
+    from edged.mqtt.outbox import OutboxError
+
+    if isinstance(exc, StartupError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return StartupError(" ".join(str(exc).split()), exitcodes.CONFIG)
+    if isinstance(exc, (ModelError, MqttSetupError)):
+        return StartupError(str(exc), exitcodes.CONFIG)
+    if isinstance(exc, OutboxError):
+        return StartupError(str(exc), exitcodes.CANT_CREATE)
+    web_bind = _web_bind_error_type()
+    if web_bind is not None and isinstance(exc, web_bind):
+        return StartupError(str(exc), exitcodes.TEMP_FAIL)
+    if isinstance(exc, (ValueError, OSError)):
+        return StartupError(str(exc), exitcodes.CONFIG)
+    return None
 
 
-class StageTimer:
-    """Exponential moving averages of per-stage milliseconds, for stats and /metrics."""
-
-    def __init__(self) -> None:
-        self.ms: Dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, stage: str, ms: float) -> None:
-        with self._lock:
-            prev = self.ms.get(stage)
-            self.ms[stage] = ms if prev is None else 0.9 * prev + 0.1 * ms
-
-    def snapshot(self) -> Dict[str, float]:
-        with self._lock:
-            return {k: round(v, 2) for k, v in self.ms.items()}
+def _web_bind_error_type() -> Optional[type]:
+    try:
+        from edged.web import WebBindError  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    return WebBindError
 
 
+# ---------------------------------------------------------------------------------------------- sink
+class OutboxSink:
+    """The pipeline's sink in the daemon: one frame's events (and the changed state) routed by the
+    Router and committed to the outbox in one transaction; then logged, printed and handed on (what a
+    consumer sees here survives a crash)."""
+
+    def __init__(self, outbox: Any, router: Any, *, print_events: bool = False,
+                 on_event: Optional[Callable[[dict], None]] = None):
+        self.outbox = outbox
+        self.router = router
+        self.print_events = print_events
+        self.on_event = on_event
+
+    def emit(self, events: List[dict], state: Optional[dict]) -> None:
+        if self.outbox is not None:
+            rows = []
+            for ev in events:
+                r = self.router.event(ev["type"])
+                rows.append((r.topic, _json(ev), r.qos, r.retain, r.kind, r.coalesce_key))
+            if state is not None:
+                r = self.router.state
+                rows.append((r.topic, _json(state), r.qos, r.retain, r.kind, r.coalesce_key))
+            if rows:
+                self.outbox.put_many(rows)
+        for ev in events:
+            if ev["type"] != "position":
+                log.info("event %s track=%s class=%s%s", ev["type"], ev.get("track_id"), ev.get("class"),
+                         f" reason={ev['reason']}" if "reason" in ev else "")
+            if self.print_events:
+                print(json.dumps(ev), flush=True)
+            if self.on_event is not None:
+                self.on_event(ev)
+
+
+def _json(body: dict) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class MotWriter:
+    """--mot-out: confirmed tracks matched in each frame, MOTChallenge format (frame ids 1-based)."""
+
+    def __init__(self, fh: TextIO):
+        self.fh = fh
+
+    def __call__(self, frame: Frame, step: TrackerStep, _dets: Detections) -> None:
+        for t in step.tracks:
+            if t.time_since_update == 0:
+                x1, y1, x2, y2 = (float(v) for v in t.box)
+                self.fh.write(f"{frame.index + 1},{t.track_id},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},1,-1,-1,-1\n")
+
+
+class FullFrameDetector:
+    """The pipeline's detector part: the model on every whole frame."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def detect_frame(self, frame: Frame) -> Detections:
+        return self.model.detect(frame.image)
+
+
+class CaptureFeed:
+    """The capture thread as the pipeline's FrameSource."""
+
+    def __init__(self, capture: Any):
+        self.capture = capture
+
+    def get(self, timeout: Optional[float] = None) -> Optional[Frame]:
+        return self.capture.get(timeout)
+
+    @property
+    def finished(self) -> bool:
+        return self.capture.ended.is_set()
+
+
+# ---------------------------------------------------------------------------------------------- daemon
 class Daemon:
     def __init__(
         self,
@@ -125,6 +210,7 @@ class Daemon:
         print_events: bool = False,
         max_frames: int = 0,
         on_event: Optional[Callable[[dict], None]] = None,
+        fatal_exit: Callable[[int], None] = os._exit,
     ):
         self.cfg = cfg
         self.config_path = config_path
@@ -134,29 +220,53 @@ class Daemon:
         self.print_events = print_events
         self.max_frames = max_frames
         self.on_event = on_event
+        self._fatal_exit = fatal_exit
         self.stop_event = threading.Event()
-        self.timer = StageTimer()
+        self._wake = threading.Event()
+        self._fatal: Optional[Tuple[str, BaseException]] = None
         self.started_at = time.time()
-        self.frames_processed = 0
-        self.events_emitted = 0
-        self.last_frame_at = 0.0
-        self.errors: List[str] = []
-        self.latest: Dict[str, Any] = {}  # newest frame + tracks for the debug web view
-        self._rate_mark = (time.monotonic(), 0)
-        self._track_thread: Optional[threading.Thread] = None
         self._run_started = time.monotonic()
+        self._rate_mark = (time.monotonic(), 0)
+        self.outbox = None
+        self.publisher = None
+        self.web = None
+        self.capture = None
+        self.pipeline: Optional[Pipeline] = None
+        self._stats_errors = 0
+        sv = cfg.supervisor
+        self.supervisor = Supervisor(
+            self.stop_event, on_fatal=self._on_fatal, max_restarts=sv.max_restarts,
+            window_s=sv.restart_window_s, backoff_min_s=sv.backoff_min_s, backoff_max_s=sv.backoff_max_s,
+        )
+        # The publisher and the web server outlive the pipeline's stop (they drain / serve to the end).
+        self._service_stop = threading.Event()
 
     # ------------------------------------------------------------------------------------ building
+    def source_text(self) -> str:
+        """The source as it may be shown (credentials redacted)."""
+        if self.capture is not None:
+            return self.capture.source.description
+        return "(not opened)"
+
     def _build(self) -> None:
+        try:
+            self._build_parts()
+        except Exception as exc:
+            err = startup_error(exc)
+            if err is None:
+                raise
+            raise err from None
+
+    def _build_parts(self) -> None:
         cfg = self.cfg
         from edged.capture import CaptureThread, open_source
         from edged.events import EventEngine
         from edged.inference.yolo import YoloDetector
-        from edged.tracking.tracker import Tracker
+        from edged.mqtt.topics import Router, Topics
         from edged.seqcounter import IdReservation, SequenceCounter
+        from edged.tracking.tracker import Tracker
 
-        self.state_dir = Path(cfg.state_dir).expanduser()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = _state_dir(cfg, self.config_path)
         self.detector = YoloDetector.from_config(cfg.detector, self.config_path)
         self.encoder = None
         if cfg.encoder.enabled and cfg.tracker.use_appearance:
@@ -164,273 +274,307 @@ class Daemon:
 
             self.encoder = AppearanceEncoder.from_config(cfg.encoder, self.config_path)
         suggestion = getattr(self.encoder, "suggested_max_cosine_distance", None)
-        self.tracker_cfg = cfg.tracker.resolved(suggestion)
+        tracker_cfg = cfg.tracker.resolved(suggestion)
         self.track_ids = IdReservation(self.state_dir / "track_ids")
-        self.tracker = Tracker(self.tracker_cfg, first_id=self.track_ids.start())
-        log.info("tracker: appearance gate %.3f%s", self.tracker_cfg.max_cosine_distance,
+        self.tracker = Tracker(tracker_cfg, first_id=self.track_ids.start())
+        log.info("tracker: appearance gate %.3f%s", tracker_cfg.max_cosine_distance,
                  " (from the encoder's calibration)" if cfg.tracker.max_cosine_distance is None and suggestion else "")
         self.source = open_source(cfg.capture, self.config_path, self.source_override)
         self.capture = CaptureThread(self.source, cfg.capture)
         self.seq = SequenceCounter(self.state_dir / "sequence")
-        self.engine_factory = lambda size, fps: EventEngine(
-            cfg.events,
-            device_id=cfg.device_id,
-            camera=cfg.capture.name,
-            class_names=list(self.detector.class_names),
-            frame_size=size,
-            fps=fps,
-            next_seq=self.seq,
-            track_classes=list(cfg.detector.classes),
-        )
-        self.engine = None
-        self.outbox = None
-        self.publisher = None
-        from edged.mqtt.topics import Topics
-
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self.router = Router(self.topics, qos_events=cfg.mqtt.qos_events, qos_tracks=cfg.mqtt.qos_tracks)
         if self.mqtt_enabled:
             from edged.mqtt.client import MqttPublisher
-            from edged.mqtt.outbox import Outbox
 
-            self.outbox = Outbox.from_config(cfg.mqtt.outbox, self.state_dir / "outbox.sqlite3")
+            self.outbox = _open_outbox(cfg, self.state_dir)
             self.publisher = MqttPublisher(
-                cfg.mqtt,
-                device_id=cfg.device_id,
-                outbox=self.outbox,
-                password=read_password(cfg.mqtt, self.config_path),
-                config_path=self.config_path,
+                cfg.mqtt, device_id=cfg.device_id, outbox=self.outbox, topics=self.topics,
+                password=read_password(cfg.mqtt, self.config_path), config_path=self.config_path,
             )
-        self.det_queue: "queue.Queue[Any]" = queue.Queue(maxsize=4)
+        observers = []
         self.mot_fh = open(self.mot_out, "w") if self.mot_out else None
+        if self.mot_fh is not None:
+            observers.append(MotWriter(self.mot_fh))
 
-    # ------------------------------------------------------------------------------------ output
-    def _emit(self, topic: str, payload: dict, qos: int, kind: str, retain: bool = False, coalesce: Optional[str] = None) -> None:
-        if self.outbox is not None:
-            data = json.dumps(payload, separators=(",", ":")).encode()
-            self.outbox.put(topic, data, qos=qos, retain=retain, kind=kind, coalesce_key=coalesce)
+        def make_engine(frame: Frame, fps: Optional[float]) -> EventEngine:
+            c = self.cfg  # the config current when the first frame arrives
+            return EventEngine(
+                c.events, device_id=c.device_id, camera=c.capture.name,
+                class_names=list(self.detector.class_names), frame_size=frame.size, fps=fps,
+                next_seq=self.seq, track_classes=list(c.detector.classes),
+            )
 
-    def _emit_events(self, events: List[dict]) -> None:
-        """One frame's events: queued in one outbox transaction (one commit, not one per event)."""
-        cfg = self.cfg.mqtt
-        rows = []
-        for ev in events:
-            self.events_emitted += 1
-            if ev["type"] == "position":
-                topic, qos, kind = self.topics.tracks, cfg.qos_tracks, "position"
-            else:
-                topic, qos, kind = self.topics.events, cfg.qos_events, "event"
-                log.info("event %s track=%s class=%s%s", ev["type"], ev.get("track_id"), ev.get("class"),
-                         f" reason={ev['reason']}" if "reason" in ev else "")
-            if self.outbox is not None:
-                rows.append((topic, json.dumps(ev, separators=(",", ":")).encode(), qos, False, kind, None))
-        if rows:
-            self.outbox.put_many(rows)
-        # Printed / handed on only once committed: what a consumer sees here survives a crash.
-        for ev in events:
-            if self.print_events:
-                print(json.dumps(ev), flush=True)
-            if self.on_event is not None:
-                self.on_event(ev)
+        def source_fps() -> Optional[float]:
+            fps = getattr(self.source, "fps", None)
+            return fps if fps and fps > 0 else None
 
-    def _emit_state(self) -> None:
-        if self.engine is None:
-            return
-        body = self.engine.state()
-        self._emit(self.topics.state, body, 1, "state", retain=True, coalesce="state")
+        self.sink = OutboxSink(self.outbox, self.router, print_events=self.print_events, on_event=self.on_event)
+        self.pipeline = Pipeline(
+            source=CaptureFeed(self.capture), detector=FullFrameDetector(self.detector), encoder=self.encoder,
+            tracker=self.tracker, make_engine=make_engine, sink=self.sink, source_fps=source_fps,
+            observers=observers, max_frames=self.max_frames,
+        )
 
+    # ------------------------------------------------------------------------------------ debug view
+    @property
+    def device_id(self) -> str:
+        return self.cfg.device_id
+
+    def latest(self) -> Tuple[Optional[Frame], list]:
+        got = self.pipeline.latest() if self.pipeline is not None else None
+        return (got[0], got[1]) if got else (None, [])
+
+    def overlays(self) -> Tuple[list, list, list]:
+        ev = self.cfg.events
+        names = list(getattr(getattr(self, "detector", None), "class_names", ()))
+        return list(ev.zones), list(ev.lines), names
+
+    # ------------------------------------------------------------------------------------ health
+    def health(self) -> Tuple[bool, str]:
+        """For /healthz and the watchdog's view: (ok, why)."""
+        if self._fatal is not None:
+            return False, f"stage {self._fatal[0]} failed for good"
+        problems = []
+        for name, rec in self.supervisor.stats().items():
+            if rec["state"] in ("backoff", "failed"):
+                problems.append(f"stage {name} {rec['state']}: {rec['last_error']}")
+        flowing, why = self._frames_flowing()
+        if not flowing:
+            problems.append(why)
+        if self.publisher is not None:
+            ok, pwhy = self.publisher.health()
+            if not ok:
+                problems.append(pwhy)
+        return (False, "; ".join(problems)) if problems else (True, "ok")
+
+    def _frames_flowing(self) -> Tuple[bool, str]:
+        if self.capture is None or self.pipeline is None:
+            return False, "not started"
+        state = self.capture.stats().get("state")
+        last = self.pipeline.counters.last_frame_at
+        if state in ("reconnecting", "failed", "stopped"):
+            return False, f"source {state}: {self.capture.stats().get('last_error')}"
+        if state == "ended":
+            return True, "ok"
+        age = time.monotonic() - (last or self._run_started)
+        if age > self.cfg.supervisor.stall_s:
+            return False, f"no frame processed for {age:.0f} s" if last else f"no frame yet after {age:.0f} s"
+        return True, "ok"
+
+    def watchdog_ok(self) -> bool:
+        """Feed systemd's watchdog only while nothing is stuck: the pipeline processes frames (or the
+        source is honestly reconnecting, or a failed stage is being restarted) and the publisher is
+        not wedged. A hung stage stops the feeding and systemd restarts the service."""
+        if self._fatal is not None:
+            return False
+        if self.publisher is not None and not self.publisher.health()[0]:
+            return False
+        if self.capture is not None and self.capture.stats().get("state") in ("starting", "reconnecting", "ended"):
+            return True
+        if not self.supervisor.healthy(["inference", "tracking"]):
+            return True  # being restarted with backoff; the supervisor gives up (exits) if it keeps failing
+        return self._frames_flowing()[0]
+
+    # ------------------------------------------------------------------------------------ stats
     def stats(self) -> Dict[str, Any]:
-        cap = self.capture.stats() if hasattr(self, "capture") else {}
-        pub = self.publisher.stats() if self.publisher is not None else None
+        cap = self.capture.stats() if self.capture is not None else {}
+        counters = self.pipeline.counters if self.pipeline is not None else None
+        processed = counters.frames_processed if counters else 0
         now = time.monotonic()
         prev_t, prev_n = self._rate_mark
-        inference_fps = (self.frames_processed - prev_n) / (now - prev_t) if now > prev_t else 0.0
+        inference_fps = (processed - prev_n) / (now - prev_t) if now > prev_t else 0.0
         if now - prev_t >= 1.0:
-            self._rate_mark = (now, self.frames_processed)
-        out = {
+            self._rate_mark = (now, processed)
+        ok, why = self.health()
+        out: Dict[str, Any] = {
             "device": self.cfg.device_id,
             "version": __version__,
             "ts": _iso_now(),
             "uptime_s": round(time.time() - self.started_at, 1),
+            "healthy": ok,
+            "health": why,
             "capture_fps": round(float(cap.get("fps", 0.0) or 0.0), 2),
             "inference_fps": round(max(0.0, inference_fps), 2),
             "dropped_frames": int(cap.get("dropped", 0) or 0),
-            "frames_processed": self.frames_processed,
-            "events": self.events_emitted,
+            "frames_processed": processed,
+            "events": counters.events if counters else 0,
             "capture": cap,
-            "stage_ms": self.timer.snapshot(),
+            "stage_ms": {k: round(v, 2) for k, v in (counters.stage_ms.items() if counters else ())},
+            "stages": self.supervisor.stats(),
+            "stage_failures": self.supervisor.total_failures,
             "outbox_depth": self.outbox.depth() if self.outbox is not None else 0,
             "cpu_temperature_c": cpu_temperature(),
         }
-        if pub is not None:
-            out["mqtt"] = pub
+        if self.publisher is not None:
+            out["mqtt"] = self.publisher.stats()
+            out["outbox_oldest_age_s"] = out["mqtt"].get("oldest_undelivered_age_s")
+        recovered = getattr(self.outbox, "recovered", None)
+        if recovered:
+            out["outbox_recovered"] = recovered
         return out
 
-    # ------------------------------------------------------------------------------------ stages
-    def _inference_loop(self) -> None:
-        enc = self.encoder
-        try:
-            while not self.stop_event.is_set():
-                frame = self.capture.get(timeout=0.2)
-                if frame is None:
-                    if self.capture.ended.is_set():
-                        break
-                    continue
-                t0 = time.perf_counter()
-                dets = self.detector.detect(frame.image)
-                dets.frame_size = frame.size
-                t1 = time.perf_counter()
-                if enc is not None and len(dets):
-                    dets.features = enc.encode(frame.image, dets.boxes)
-                t2 = time.perf_counter()
-                self.timer.add("detect", (t1 - t0) * 1e3)
-                if enc is not None:
-                    self.timer.add("encode", (t2 - t1) * 1e3)
-                self._handoff(_Detected(frame, dets))
-                if self.max_frames and frame.index + 1 >= self.max_frames:
-                    break
-        except Exception as exc:  # a stage that dies must stop the daemon loudly, not hang it
-            log.exception("inference stage failed")
-            self.errors.append(f"inference: {exc}")
-            self.stop_event.set()
-        finally:
-            self._handoff(_END)
-
-    def _handoff(self, item: Any) -> None:
-        """Queue for the tracking stage; blocks (backpressure) only while that stage is alive."""
-        while True:
-            try:
-                self.det_queue.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                if self._track_thread is not None and not self._track_thread.is_alive():
-                    return  # tracking died: nobody will ever take it; the supervisor stops the daemon
-
-    def _pipeline_healthy(self, infer: threading.Thread, track: threading.Thread) -> bool:
-        """For the systemd watchdog: stages alive, and frames flowing or the source honestly
-        reconnecting. A hung stage stops the feeding and systemd restarts the service."""
-        if not (infer.is_alive() and track.is_alive()):
-            return False
-        state = self.capture.stats().get("state")
-        if state in ("starting", "reconnecting", "ended"):
-            return True
-        return time.monotonic() - (self.last_frame_at or self._run_started) < 30.0
-
-    def _tracking_loop(self) -> None:
-        published_state = -1
-        try:
-            while True:
-                item = self.det_queue.get()
-                if item is _END:
-                    break
-                frame: Frame = item.frame
-                if self.engine is None:
-                    fps = getattr(self.source, "fps", None)
-                    self.engine = self.engine_factory(frame.size, fps if fps and fps > 0 else None)
-                t0 = time.perf_counter()
-                step: TrackerStep = self.tracker.update(item.detections)
-                t1 = time.perf_counter()
-                events = self.engine.process(step, frame_index=frame.index, timestamp=frame.timestamp, stream_time=frame.stream_time)
-                self._emit_events(events)
-                if self.engine.state_version != published_state:
-                    published_state = self.engine.state_version
-                    self._emit_state()
-                self.timer.add("track", (t1 - t0) * 1e3)
-                self.timer.add("events", (time.perf_counter() - t1) * 1e3)
-                if self.mot_fh is not None:
-                    for t in step.tracks:
-                        if t.time_since_update == 0:
-                            x1, y1, x2, y2 = (float(v) for v in t.box)
-                            self.mot_fh.write(f"{frame.index + 1},{t.track_id},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},1,-1,-1,-1\n")
-                self.frames_processed += 1
-                self.last_frame_at = time.monotonic()
-                self.latest = {"frame": frame, "tracks": step.tracks, "detections": item.detections}
-        except Exception as exc:
-            log.exception("tracking stage failed")
-            self.errors.append(f"tracking: {exc}")
-            self.stop_event.set()
-        finally:
-            self._finish_tracks()
-
-    def _finish_tracks(self) -> None:
-        """Exit events for every live track (reason 'shutdown'), then the final state."""
-        if self.engine is None:
+    def _publish_stats(self) -> None:
+        if self.outbox is None:
             return
-        latest = self.latest.get("frame")
-        events = self.engine.shutdown(
-            frame_index=latest.index if latest else 0,
-            timestamp=time.time(),
-            stream_time=latest.stream_time if latest else 0.0,
-            tracks=self.tracker.live_tracks(),
-        )
-        self._emit_events(events)
-        self._emit_state()
+        r = self.router.stats
+        try:
+            self.outbox.put(r.topic, _json(self.stats()), qos=r.qos, retain=r.retain, kind=r.kind, coalesce_key=r.coalesce_key)
+        except Exception as exc:  # stats are best effort; the stages' own failures are supervised
+            self._stats_errors += 1
+            if self._stats_errors == 1 or self._stats_errors % 20 == 0:
+                log.warning("stats not queued (%d times): %s", self._stats_errors, exc)
+
+    # ------------------------------------------------------------------------------------ failure
+    def _on_fatal(self, stage: str, exc: BaseException) -> None:
+        self._fatal = (stage, exc)
+        self._wake.set()
+
+    def _die(self, notifier: Notifier) -> None:
+        """A stage kept failing: exit non-zero at once, without a clean MQTT DISCONNECT, so the broker
+        publishes the last will (`offline`) and systemd restarts us. The outbox is already durable."""
+        stage, exc = self._fatal  # type: ignore[misc]
+        log.critical("exiting: stage %s kept failing (%s: %s); queued messages stay in the outbox",
+                     stage, type(exc).__name__, exc)
+        notifier.status(f"failed: stage {stage} kept failing")
+        for h in logging.getLogger().handlers:
+            try:
+                h.flush()
+            except Exception:
+                pass
+        sys.stdout.flush()
+        self._fatal_exit(exitcodes.STAGE_FAILED)
 
     # ------------------------------------------------------------------------------------ run
-    def _start_thread(self, target: Callable[[], None], name: str) -> threading.Thread:
-        t = threading.Thread(target=target, name=name, daemon=True)
-        t.start()
-        return t
-
     def run(self) -> int:
         notifier = Notifier()
         self._build()
+        assert self.pipeline is not None and self.capture is not None
+        pipeline, stop = self.pipeline, self.stop_event
         if self.publisher is not None:
             if self.cfg.mqtt.homeassistant.enabled:
-                from edged.mqtt.homeassistant import discovery_messages, queue_discovery
-
-                classes = list(self.cfg.detector.classes) or list(self.detector.class_names)
-                queue_discovery(self.outbox, discovery_messages(
-                    self.cfg.mqtt, device_id=self.cfg.device_id, class_names=classes,
-                    zones=[z.name for z in self.cfg.events.zones], camera=self.cfg.capture.name,
-                    sw_version=__version__))
-            self.publisher.start()
-        web = None
+                self._queue_discovery()
+            self.publisher.start(spawn=lambda name, body: self.supervisor.spawn(name, body, stop=self._service_stop))
         if self.cfg.web.enabled:
-            from edged.web import DebugServer
-
-            web = DebugServer(self, self.cfg.web)
-            web.start()
+            self._start_web()
         self.capture.start()
         self._run_started = time.monotonic()
-        track = self._track_thread = self._start_thread(self._tracking_loop, "edged-track")
-        infer = self._start_thread(self._inference_loop, "edged-infer")
-        notifier.ready(f"running on {self.source_override or self.cfg.capture.source}")
-        log.info("edged %s running: device=%s source=%s mqtt=%s", __version__, self.cfg.device_id,
-                 self.source_override or self.cfg.capture.source, "on" if self.publisher else "off")
+        self.supervisor.spawn("tracking", lambda: pipeline.run_tracking(stop))
+        self.supervisor.spawn("inference", lambda: pipeline.run_inference(stop))
+        source = self.source_text()
+        notifier.ready(f"running on {source}")
+        log.info("edged %s running: device=%s source=%s mqtt=%s", __version__, self.cfg.device_id, source,
+                 "on" if self.publisher else "off")
         wd = watchdog_interval_s()
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
-        while not self.stop_event.is_set():
-            self.stop_event.wait(min(1.0, wd or 1.0))
-            if not track.is_alive():
-                break  # a file ended (or a stage failed): everything is processed
-            if wd and self._pipeline_healthy(infer, track):
+        exit_code = exitcodes.OK
+        while not stop.is_set():
+            self._wake.wait(min(1.0, wd or 1.0))
+            self._wake.clear()
+            if self._fatal is not None:
+                self._die(notifier)
+                return exitcodes.STAGE_FAILED  # only reached when fatal_exit returns (in-process tests)
+            if pipeline.tracking_done:
+                break  # the file ended (or max_frames): everything is processed
+            failed = self.capture.stats().get("state") == "failed"
+            if failed and pipeline.inference_done:
+                exit_code = exitcodes.NO_INPUT
+                break
+            if wd and self.watchdog_ok():
                 notifier.watchdog()
             self.track_ids.ensure(self.tracker.next_id)
             if time.monotonic() >= next_stats:
                 next_stats += self.cfg.mqtt.stats_interval_s
-                self._emit(self.topics.stats, self.stats(), 0, "stats", coalesce="stats")
+                self._publish_stats()
+        return self._shutdown(notifier, exit_code)
+
+    def _shutdown(self, notifier: Notifier, exit_code: int) -> int:
         notifier.stopping()
         log.info("stopping")
+        pipeline = self.pipeline
+        assert pipeline is not None
         self.stop_event.set()
         self.capture.stop()
-        infer.join(timeout=10)
-        track.join(timeout=10)
-        if not track.is_alive():
+        self.supervisor.join("inference", timeout=15)
+        tracking_ended = self.supervisor.join("tracking", timeout=15)
+        if self._fatal is not None:
+            self._die(notifier)
+            return exitcodes.STAGE_FAILED
+        if tracking_ended:
+            try:
+                pipeline.finish()
+            except Exception as exc:
+                log.error("final exit events not queued: %s", exc)
             self.track_ids.close(self.tracker.next_id)
+        else:
+            log.error("tracking stage did not stop in time; final exit events not queued")
         if self.mot_fh is not None:
             self.mot_fh.close()
-        if web is not None:
-            web.stop()
+        if self.web is not None:
+            self.web.stop()
         if self.publisher is not None:
-            self._emit(self.topics.stats, self.stats(), 0, "stats", coalesce="stats")
+            self._publish_stats()
             self.publisher.stop(timeout=5.0)
+        self._service_stop.set()
         if self.outbox is not None:
             left = self.outbox.depth()
             if left:
                 log.info("%d messages kept in the outbox for the next start", left)
         notifier.close()
-        log.info("stopped after %d frames, %d events", self.frames_processed, self.events_emitted)
-        return 1 if self.errors else 0
+        counters = pipeline.counters
+        log.info("stopped after %d frames, %d events", counters.frames_processed, counters.events)
+        if exit_code == exitcodes.OK and self.supervisor.total_failures and pipeline.undelivered:
+            exit_code = exitcodes.STAGE_FAILED
+        return exit_code
+
+    def _queue_discovery(self) -> None:
+        from edged.mqtt.homeassistant import discovery_messages, queue_discovery
+
+        classes = list(self.cfg.detector.classes) or list(self.detector.class_names)
+        queue_discovery(self.outbox, discovery_messages(
+            self.cfg.mqtt, topics=self.topics, class_names=classes, zones=[z.name for z in self.cfg.events.zones],
+            camera=self.cfg.capture.name, sw_version=__version__))
+
+    def _start_web(self) -> None:
+        from edged.web import DebugServer
+
+        self.web = DebugServer(self.cfg.web, self, config_path=self.config_path)
+        try:
+            self.web.start(spawn=lambda name, body: self.supervisor.spawn(name, body, stop=self._service_stop))
+        except Exception as exc:
+            err = startup_error(exc)
+            if err is None:
+                raise
+            raise err from None
+
+
+def _state_dir(cfg: EdgedConfig, config_path: Optional[str]) -> Path:
+    """The state directory (relative paths follow the config file), created private (0700)."""
+    try:
+        from edged.config import resolve_state_dir  # type: ignore[attr-defined]
+
+        path = resolve_state_dir(cfg, config_path)
+    except ImportError:
+        path = Path(cfg.state_dir).expanduser()
+    try:
+        from edged.seqcounter import ensure_private_dir  # type: ignore[attr-defined]
+
+        ensure_private_dir(path)
+    except ImportError:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"state_dir: cannot create {path}: {exc.strerror or exc}", exitcodes.CANT_CREATE) from None
+    return path
+
+
+def _open_outbox(cfg: EdgedConfig, state_dir: Path) -> Any:
+    from edged.mqtt.outbox import Outbox
+
+    path = state_dir / "outbox.sqlite3"
+    opener = getattr(Outbox, "open_or_recover", None)
+    if opener is not None:
+        return opener(path, cfg.mqtt.outbox)
+    return Outbox.from_config(cfg.mqtt.outbox, path)
 
 
 def _iso_now() -> str:

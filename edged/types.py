@@ -7,6 +7,11 @@ from typing import List, Optional
 
 import numpy as np
 
+# The one list of event record types (`type` of every record the events engine emits). The JSON
+# schemas, the docs, the MQTT routing and Home Assistant discovery are checked against it.
+EVENT_TYPES = ("enter", "exit", "position", "zone_enter", "zone_exit", "line_cross")
+POSITION = "position"  # the one type published on the `tracks` topic; every other type goes to `events`
+
 
 @dataclass
 class Frame:

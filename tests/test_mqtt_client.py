@@ -450,9 +450,9 @@ def test_homeassistant_discovery(broker_factory, tmp_path, outbox):
     from edged.config import MqttConfig
     from edged.mqtt.homeassistant import EVENT_TYPES, discovery_messages, queue_discovery
 
-    assert discovery_messages(MqttConfig(), device_id=DEVICE, class_names=["person"]) == []  # off by default
+    assert discovery_messages(MqttConfig(), topics=TOPICS, class_names=["person"]) == []  # off by default
     cfg = MqttConfig(homeassistant={"enabled": True})
-    msgs = discovery_messages(cfg, device_id=DEVICE, class_names=["person", "traffic light"], zones=["left"],
+    msgs = discovery_messages(cfg, topics=TOPICS, class_names=["person", "traffic light"], zones=["left"],
                               camera="cam0", sw_version="0.1")
     broker, _gate = gated_broker(broker_factory, tmp_path)
     pub = _publisher(broker.port, outbox)

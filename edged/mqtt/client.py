@@ -12,6 +12,14 @@ re-sent by paho after the reconnect (duplicates are possible; consumers de-dupli
 The outbox keeps every row until acknowledged, so a crash loses nothing either: the next process
 starts at the oldest row.
 
+Failures: the publisher loop may raise (e.g. `database is locked` from the outbox); it is written to be
+called again by a supervisor (edged.supervisor) with every piece of state on the object: rows the broker
+acknowledged but that could not be deleted yet are retried first, rows in flight stay tracked, and the
+connection is left up (never a clean DISCONNECT on a failure: if the process gives up, the broker
+publishes the last will). A silent link stall (no FIN/RST, nothing comes back) is noticed when a publish
+stays unacknowledged for `keepalive` seconds: the socket is shut down and paho reconnects; paho's own
+keepalive covers an idle link.
+
 A publish refused by the broker (MQTT v5 reason code >= 0x80 in PUBACK/PUBREC, e.g. 0x87 "Not
 authorized" from an ACL) is logged as a warning, counted (`denied` for 0x87, `rejected` for other
 codes) and its row is deleted: retrying a refused message forever would block the queue.
@@ -21,6 +29,7 @@ QoS 0 publishes get no acknowledgement, so an ACL denial of a QoS 0 message cann
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -89,11 +98,12 @@ class MqttPublisher:
         password: Optional[str] = None,
         on_status: Optional[StatusCallback] = None,
         config_path: Union[str, Path, None] = None,
+        topics: Optional[Topics] = None,
     ):
         self.cfg = cfg
         self.device_id = device_id
         self.outbox = outbox
-        self.topics = Topics(cfg.topic_prefix, device_id)
+        self.topics = topics or Topics(cfg.topic_prefix, device_id)
         self.client_id = cfg.client_id or f"edged-{device_id}"
         self._password = password if password is not None else cfg.password
         self._on_status = on_status
@@ -103,12 +113,17 @@ class MqttPublisher:
         self._session_up = False  # CONNACK success seen, no disconnect since (publisher thread only)
         self._online_mid: Optional[int] = None
         self._stopped = threading.Event()
+        self._started = False
         self._stop_at: Optional[float] = None
         self._drain_on_stop = True
         self._stop_reserve = 1.0
         self._thread: Optional[threading.Thread] = None
         # mid -> (row id or None for our own availability messages, topic)
         self._inflight: Dict[int, Tuple[Optional[int], str]] = {}
+        self._sent_at: Dict[int, float] = {}  # mid -> monotonic time handed to paho (stall detection)
+        self._acked_pending: list = []  # row ids the broker acknowledged, not yet deleted from the outbox
+        self._last_ack_at = time.monotonic()
+        self._stalls = 0
         self._cursor = 0  # highest outbox row id handed to paho
         self._window = cfg.max_inflight
         # token bucket for mqtt.max_rate (publishes per second; 0 = unlimited)
@@ -163,10 +178,13 @@ class MqttPublisher:
         self._post("connect_fail")
 
     # ------------------------------------------------------------------------------------ public API
-    def start(self) -> None:
-        """Start connecting in the background; never blocks on, or fails because of, the broker."""
-        if self._thread is not None:
+    def start(self, spawn: Optional[Callable[[str, Callable[[], None]], Any]] = None) -> None:
+        """Start connecting in the background; never blocks on, or fails because of, the broker.
+        `spawn(name, body)` runs the publisher loop in a supervised thread (restarted when it raises);
+        without it, a plain thread runs it once."""
+        if self._thread is not None or self._started:
             raise RuntimeError("MqttPublisher already started")
+        self._started = True
         log.info(
             "mqtt: connecting to %s:%d as %s (user %s, tls %s), topics under %s/",
             self.cfg.host, self.cfg.port, self.client_id, self.cfg.username or "-",
@@ -175,23 +193,29 @@ class MqttPublisher:
         self.outbox.add_listener(self._wake.set)
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         self._client.loop_start()
-        self._thread = threading.Thread(target=self._run, name="edged-mqtt-publisher", daemon=True)
-        self._thread.start()
+        if spawn is not None:
+            spawn("publisher", self.run_loop)
+        else:
+            self._thread = threading.Thread(target=self._run_unsupervised, name="edged-mqtt-publisher", daemon=True)
+            self._thread.start()
 
     def stop(self, timeout: float = 5.0, drain: bool = True) -> None:
         """Stop: while connected, keep delivering queued rows (`drain`) for up to most of `timeout`,
         then publish retained `offline`, wait for its PUBACK, disconnect. Undelivered rows stay in
         the outbox for the next start."""
-        if self._thread is None:
+        if not self._started or self._stop_at is not None:
             return
         self._drain_on_stop = drain
         # time kept for `offline` and its PUBACK after draining
         self._stop_reserve = min(1.0, 0.3 * max(0.0, timeout))
         self._stop_at = time.monotonic() + max(0.0, timeout)
         self._wake.set()
-        self._thread.join(timeout + 5.0)
+        if self._thread is not None:
+            self._thread.join(timeout + 5.0)
+            self._thread = None
+        else:
+            self._stopped.wait(timeout + 5.0)
         self.outbox.remove_listener(self._wake.set)
-        self._thread = None
 
     @property
     def connected(self) -> bool:
@@ -201,16 +225,36 @@ class MqttPublisher:
         """True once connected and `online` published (for tests and start-up checks)."""
         return self._online.wait(timeout)
 
+    def oldest_undelivered_age_s(self) -> Optional[float]:
+        """Age in seconds of the oldest queued row (None when the outbox is empty)."""
+        oldest = self.outbox.oldest_created()
+        return None if oldest is None else max(0.0, time.time() - oldest)
+
+    def health(self, stall_s: Optional[float] = None) -> Tuple[bool, str]:
+        """For the watchdog and /healthz. A broker that is down is not our failure (the outbox keeps
+        everything), so only a publisher that is connected but delivers nothing counts as unhealthy."""
+        if self._stop_at is not None or not self._started:
+            return True, "ok"
+        stall_s = stall_s if stall_s is not None else max(60.0, 3.0 * self.cfg.keepalive)
+        if self.connected and self.outbox.depth() > 0:
+            idle = time.monotonic() - self._last_ack_at
+            if idle > stall_s:
+                return False, f"mqtt: connected but nothing acknowledged for {idle:.0f} s with {self.outbox.depth()} queued"
+        return True, "ok"
+
     def stats(self) -> Dict[str, Any]:
         with self._stats_lock:
             counts = dict(self._counts)
             inflight = sum(1 for rid, _t in self._inflight.values() if rid is not None)
             last_error = self._last_error
         outbox = self.outbox.counters()
+        age = self.oldest_undelivered_age_s()
         return {
             "connected": self.connected,
             "outbox_depth": self.outbox.depth(),
             "outbox_bytes": self.outbox.bytes(),
+            "oldest_undelivered_age_s": None if age is None else round(age, 1),
+            "stalls": self._stalls,
             "inflight": inflight,
             "published": counts.get("published", 0),
             "denied": counts.get("denied", 0),
@@ -226,27 +270,57 @@ class MqttPublisher:
         }
 
     # ------------------------------------------------------------------------------------ publisher thread
-    def _run(self) -> None:
+    def run_loop(self) -> None:
+        """The publisher loop: returns after a requested stop (clean DISCONNECT), raises on failure
+        (the connection stays up; calling it again resumes where it failed)."""
+        if self._acked_pending:
+            self._delete_acked()
+        while True:
+            timeout = 0.5
+            if self._next_token_in is not None:
+                timeout = min(timeout, self._next_token_in)
+            if self._stop_at is not None:
+                timeout = max(0.0, min(timeout, self._stop_at - time.monotonic()))
+            self._wake.wait(timeout)
+            self._wake.clear()
+            self._handle_events()
+            if self._stop_at is None:
+                if self._online.is_set():
+                    self._check_stall()
+                    self._fill_window()
+            elif self._stopping_step():
+                break
+        self._shutdown_client()
+        self._stopped.set()
+
+    def _run_unsupervised(self) -> None:
         try:
-            while True:
-                timeout = 0.5
-                if self._next_token_in is not None:
-                    timeout = min(timeout, self._next_token_in)
-                if self._stop_at is not None:
-                    timeout = max(0.0, min(timeout, self._stop_at - time.monotonic()))
-                self._wake.wait(timeout)
-                self._wake.clear()
-                self._handle_events()
-                if self._stop_at is None:
-                    if self._online.is_set():
-                        self._fill_window()
-                elif self._stopping_step():
-                    break
-        except Exception:  # never let the thread die silently: the outbox still holds everything
+            self.run_loop()
+        except Exception:
             log.exception("mqtt: publisher thread failed; messages stay in the outbox")
-        finally:
-            self._shutdown_client()
             self._stopped.set()
+
+    def _check_stall(self) -> None:
+        """A publish unacknowledged for `keepalive` seconds with nothing acknowledged since it was
+        sent: the link is stalled (no FIN/RST). Shut the socket down so paho reconnects now."""
+        if not self._sent_at:
+            return
+        now = time.monotonic()
+        oldest = min(self._sent_at.values())
+        if now - oldest < self.cfg.keepalive or self._last_ack_at > oldest:
+            return
+        self._stalls += 1
+        with self._stats_lock:
+            self._last_error = f"link stalled: no acknowledgement for {now - oldest:.0f} s"
+        log.warning("mqtt: no acknowledgement from %s:%d for %.0f s with %d in flight: link stalled, reconnecting",
+                    self.cfg.host, self.cfg.port, now - oldest, len(self._sent_at))
+        self._sent_at.clear()  # paho re-sends what is in flight after the reconnect
+        sock = self._client.socket()
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _stopping_step(self) -> bool:
         """One step of the shutdown sequence; True when done."""
@@ -292,7 +366,14 @@ class MqttPublisher:
             elif kind == "connect_fail":
                 self._connect_failed("unreachable (TCP or TLS handshake failed)")
         if acked:
-            self.outbox.ack_many(acked)
+            self._acked_pending.extend(acked)
+        if self._acked_pending:
+            self._delete_acked()
+
+    def _delete_acked(self) -> None:
+        """Delete acknowledged rows; on failure they stay pending (retried, never re-sent)."""
+        self.outbox.ack_many(self._acked_pending)
+        self._acked_pending = []
 
     def _connect_failed(self, why: str) -> None:
         with self._stats_lock:
@@ -306,6 +387,8 @@ class MqttPublisher:
     def _handle_ack(self, mid: int, rc: Any, acked: list) -> None:
         with self._stats_lock:
             entry = self._inflight.pop(mid, None)
+        self._sent_at.pop(mid, None)
+        self._last_ack_at = time.monotonic()
         if entry is None:
             return
         row_id, topic = entry
@@ -351,6 +434,8 @@ class MqttPublisher:
         with self._stats_lock:
             self._counts["connects"] += 1
         self._session_up = True
+        self._last_ack_at = time.monotonic()
+        self._sent_at.clear()
         # Availability first, on every (re)connect: the backlog follows once the broker acked it,
         # so `connected`/wait_connected() imply a fresh subscriber sees the retained `online`.
         info = self._client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
@@ -418,9 +503,12 @@ class MqttPublisher:
             # NO_CONN: paho keeps it in its session and sends it after the reconnect.
             with self._stats_lock:
                 self._inflight[info.mid] = (row.id, row.topic)
+            if row.qos > 0:
+                self._sent_at[info.mid] = time.monotonic()
             self._cursor = row.id
         if drop:
-            self.outbox.ack_many(drop)
+            self._acked_pending.extend(drop)
+            self._delete_acked()
 
     def _status(self, event: str, info: Dict[str, Any]) -> None:
         if self._on_status is None:

@@ -16,9 +16,9 @@ import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from edged.config import MqttConfig
-from edged.mqtt.topics import OFFLINE, ONLINE, Topics
+from edged.mqtt.topics import EVENTS_TOPIC_TYPES, OFFLINE, ONLINE, Router, Topics
 
-EVENT_TYPES = ["enter", "exit", "zone_enter", "zone_exit", "line_cross"]
+EVENT_TYPES = list(EVENTS_TOPIC_TYPES)  # what the `events` topic carries (edged.types.EVENT_TYPES minus position)
 _OBJ_RE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -34,7 +34,7 @@ def _jinja_str(value: str) -> str:
 def discovery_messages(
     cfg: MqttConfig,
     *,
-    device_id: str,
+    topics: Topics,
     class_names: Sequence[str],
     zones: Sequence[str] = (),
     camera: Optional[str] = None,
@@ -45,7 +45,7 @@ def discovery_messages(
     (or `force`). Class names are those the daemon tracks, zone names those of events.zones."""
     if not (cfg.homeassistant.enabled or force):
         return []
-    topics = Topics(cfg.topic_prefix, device_id)
+    device_id = topics.device_id
     prefix = cfg.homeassistant.discovery_prefix.strip("/")
     node = _object_id("edged", device_id)
     device = {
@@ -122,7 +122,11 @@ def discovery_messages(
 
 
 def queue_discovery(outbox, messages: Sequence[Tuple[str, bytes]]) -> int:
-    """Put discovery messages into the outbox (retained, QoS 1, coalesced per topic)."""
+    """Put discovery messages into the outbox in one transaction (routed by Router.discovery:
+    retained, QoS 1, coalesced per topic)."""
+    rows = []
     for topic, payload in messages:
-        outbox.put(topic, payload, qos=1, retain=True, kind="discovery", coalesce_key=f"ha:{topic}")
-    return len(messages)
+        r = Router.discovery(topic)
+        rows.append((r.topic, payload, r.qos, r.retain, r.kind, r.coalesce_key))
+    outbox.put_many(rows)
+    return len(rows)
