@@ -45,11 +45,10 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Literal, Optional, Sequence, Tuple, TypeVar, Union
 
 from edged.statefiles import ensure_private_dir, make_private, open_private
 
@@ -57,6 +56,7 @@ log = logging.getLogger("edged.mqtt.outbox")
 
 DropPolicy = Literal["oldest_position_first", "oldest"]
 Synchronous = Literal["normal", "full"]
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -143,14 +143,16 @@ def _move_aside(path: Path, reason: str) -> Dict[str, str]:
     return {"moved_to": str(target), "reason": reason, "at": now.isoformat(timespec="seconds")}
 
 
-@dataclass
 class _Delta:
     """Changes of one transaction, applied to the in-memory counters only once it committed."""
 
-    rows: int = 0
-    bytes: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    coalesced: Counter = field(default_factory=Counter)
+    __slots__ = ("rows", "bytes", "dropped", "coalesced")
+
+    def __init__(self) -> None:
+        self.rows = 0
+        self.bytes = 0
+        self.dropped: List[str] = []  # kind of each row removed by the bound policy
+        self.coalesced: List[str] = []  # kind of each row replaced by a newer one with the same key
 
 
 class Outbox:
@@ -283,31 +285,32 @@ class Outbox:
             return OutboxCorruptError(self.path, f"{action}: {exc}")
         return OutboxError(f"outbox {self.path}: {action} failed: {exc}")
 
-    @contextmanager
-    def _transaction(self, action: str) -> Iterator[sqlite3.Cursor]:
-        """BEGIN IMMEDIATE ... COMMIT; on any error ROLLBACK and raise OutboxError (caller holds the lock)."""
-        self._ensure_open()
-        try:
+    def _write(self, action: str, work: Callable[[sqlite3.Cursor, _Delta], T]) -> T:
+        """`work(cursor, delta)` inside BEGIN IMMEDIATE ... COMMIT. On any error: ROLLBACK, the
+        counters stay as they were, and OutboxError is raised."""
+        delta = _Delta()
+        with self._lock:
+            self._ensure_open()
             cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")  # waits up to busy_timeout_s for another writer
             try:
-                yield cur
-                cur.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    try:
-                        cur.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass  # the first error is the one to report
-                raise
-        except sqlite3.Error as exc:
-            raise self._error(action, exc) from exc
-
-    def _apply(self, delta: _Delta) -> None:
-        self._rows += delta.rows
-        self._bytes += delta.bytes
-        self.dropped.update(delta.dropped)
-        self.coalesced.update(delta.coalesced)
+                cur.execute("BEGIN IMMEDIATE")  # waits up to busy_timeout_s for another writer
+                try:
+                    result = work(cur, delta)
+                    cur.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        try:
+                            cur.execute("ROLLBACK")
+                        except sqlite3.Error:
+                            pass  # the first error is the one to report
+                    raise
+            except sqlite3.Error as exc:
+                raise self._error(action, exc) from exc
+            self._rows += delta.rows
+            self._bytes += delta.bytes
+            self.dropped.update(delta.dropped)
+            self.coalesced.update(delta.coalesced)
+        return result
 
     # ------------------------------------------------------------------------------------ writing
     def put(
@@ -328,32 +331,31 @@ class Outbox:
         if not rows:
             return []
         now = time.time()
-        ids: List[int] = []
-        delta = _Delta()
-        with self._lock:
-            with self._transaction("put") as cur:
-                for topic, payload, qos, retain, kind, key in rows:
-                    if key is not None:
-                        replaced = cur.execute(
-                            "SELECT kind, size FROM outbox WHERE coalesce_key = ?", (key,)
-                        ).fetchall()
-                        if replaced:
-                            cur.execute("DELETE FROM outbox WHERE coalesce_key = ?", (key,))
-                            for rkind, size in replaced:
-                                delta.rows -= 1
-                                delta.bytes -= size
-                                delta.coalesced[rkind] += 1
-                    cur.execute(
-                        "INSERT INTO outbox(topic, payload, qos, retain, kind, coalesce_key, created, size)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (topic, payload, qos, int(retain), kind, key, now, len(payload)),
-                    )
-                    ids.append(int(cur.lastrowid))
-                    delta.rows += 1
-                    delta.bytes += len(payload)
-                self._enforce_bounds(cur, delta)
-            self._apply(delta)
-            self._last_id = ids[-1]
+
+        def work(cur: sqlite3.Cursor, delta: _Delta) -> List[int]:
+            ids = []
+            for topic, payload, qos, retain, kind, key in rows:
+                if key is not None:
+                    replaced = cur.execute("SELECT kind, size FROM outbox WHERE coalesce_key = ?", (key,)).fetchall()
+                    if replaced:
+                        cur.execute("DELETE FROM outbox WHERE coalesce_key = ?", (key,))
+                        for rkind, size in replaced:
+                            delta.rows -= 1
+                            delta.bytes -= size
+                            delta.coalesced.append(rkind)
+                cur.execute(
+                    "INSERT INTO outbox(topic, payload, qos, retain, kind, coalesce_key, created, size)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (topic, payload, qos, int(retain), kind, key, now, len(payload)),
+                )
+                ids.append(int(cur.lastrowid))
+                delta.rows += 1
+                delta.bytes += len(payload)
+            self._enforce_bounds(cur, delta)
+            self._last_id = ids[-1]  # (a rolled-back id only leaves a gap after recover())
+            return ids
+
+        ids = self._write("put", work)
         for fn in list(self._listeners):
             fn()
         return ids
@@ -405,7 +407,7 @@ class Outbox:
                 for _i, vkind, size in victims:
                     delta.rows -= 1
                     delta.bytes -= size
-                    delta.dropped[vkind] += 1
+                    delta.dropped.append(vkind)
 
     # ------------------------------------------------------------------------------------ reading
     def peek(self, limit: int = 100, after_id: int = 0) -> List[OutboxRow]:
@@ -442,19 +444,19 @@ class Outbox:
         ids = sorted({int(i) for i in row_ids})
         if not ids:
             return 0
-        delta = _Delta()
-        with self._lock:
-            with self._transaction("ack") as cur:
-                for start in range(0, len(ids), _MAX_PARAMS):
-                    chunk = ids[start:start + _MAX_PARAMS]
-                    marks = ",".join("?" * len(chunk))
-                    sizes = cur.execute(f"SELECT size FROM outbox WHERE id IN ({marks})", chunk).fetchall()
-                    if sizes:
-                        cur.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
-                        delta.rows -= len(sizes)
-                        delta.bytes -= sum(s for (s,) in sizes)
-            self._apply(delta)
-        return -delta.rows
+
+        def work(cur: sqlite3.Cursor, delta: _Delta) -> int:
+            for start in range(0, len(ids), _MAX_PARAMS):
+                chunk = ids[start:start + _MAX_PARAMS]
+                marks = ",".join("?" * len(chunk))
+                sizes = cur.execute(f"SELECT size FROM outbox WHERE id IN ({marks})", chunk).fetchall()
+                if sizes:
+                    cur.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+                    delta.rows -= len(sizes)
+                    delta.bytes -= sum(s for (s,) in sizes)
+            return -delta.rows
+
+        return self._write("ack", work)
 
     def depth(self) -> int:
         return self._rows
