@@ -388,7 +388,7 @@ class Daemon:
         if self.cfg.web.enabled:
             from edged.web import DebugServer
 
-            web = DebugServer(self, self.cfg.web)
+            web = DebugServer(self.cfg.web, _DaemonDebugView(self), config_path=self.config_path)
             web.start()
         self.capture.start()
         self._run_started = time.monotonic()
@@ -431,6 +431,34 @@ class Daemon:
         notifier.close()
         log.info("stopped after %d frames, %d events", self.frames_processed, self.events_emitted)
         return 1 if self.errors else 0
+
+
+class _DaemonDebugView:
+    """The debug server's view of this Daemon (edged.web.DebugView)."""
+
+    def __init__(self, daemon: "Daemon"):
+        self.daemon = daemon
+        self.device_id = daemon.cfg.device_id
+
+    def latest(self):
+        latest = self.daemon.latest
+        return latest.get("frame"), list(latest.get("tracks", ()))
+
+    def stats(self) -> Dict[str, Any]:
+        return self.daemon.stats()
+
+    def health(self):
+        d = self.daemon
+        if d.errors:
+            return False, "; ".join(d.errors)
+        if not d.last_frame_at:
+            return False, "no frame processed yet"
+        age = time.monotonic() - d.last_frame_at
+        return (False, f"no frame for {age:.0f} s") if age > 30 else (True, "ok")
+
+    def overlays(self):
+        ev = self.daemon.cfg.events
+        return ev.zones, ev.lines, list(self.daemon.detector.class_names)
 
 
 def _iso_now() -> str:
