@@ -80,7 +80,7 @@ class WebBindError(OSError):
 
 # Saturated colours that photographs rarely have in long straight runs (the browser test finds box edges by them).
 TRACK_COLORS: Tuple[Tuple[int, int, int], ...] = (  # BGR
-    (0, 255, 0), (255, 255, 0), (255, 0, 255), (0, 255, 255), (255, 128, 0), (128, 0, 255), (0, 128, 255),
+    (0, 255, 0), (255, 255, 0), (0, 255, 255), (255, 128, 0), (128, 0, 255), (255, 0, 128),
 )
 _ZONE_COLOR = (0, 200, 255)
 _LINE_COLOR = (255, 0, 255)
