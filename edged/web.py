@@ -166,6 +166,9 @@ class _Listener(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
+    def handle_error(self, request, client_address) -> None:  # to the journal, not a bare traceback on stderr
+        log.warning("debug server: error serving %s", client_address[0] if client_address else "?", exc_info=True)
+
     def process_request(self, request, client_address):
         if not self.owner._admit(request):
             _refuse(request, f"too many connections (web.max_connections={self.owner.cfg.max_connections})\n")

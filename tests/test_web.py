@@ -14,6 +14,8 @@ import logging
 import re
 import secrets
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,13 +24,14 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import cv2
 import numpy as np
 import pytest
+import yaml
 
+from edged import scene as scene_mod
 from edged.config import ConfigError, WebConfig, build_config
 from edged.types import Frame, TrackSnapshot
 from edged.web import DebugServer, DebugView, WebBindError
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
-scene_mod = pytest.importorskip("edged.scene")  # the demo scene needs scikit-image (dev extra)
 
 
 class SceneView:
@@ -62,13 +65,9 @@ class SceneView:
         return (), (), ["person", "cat", "cup"]
 
 
-def _typed(view: DebugView) -> DebugView:  # SceneView satisfies the protocol (checked by mypy, used here)
-    return view
-
-
 @contextlib.contextmanager
 def serving(cfg: WebConfig, view: Optional[DebugView] = None, config_path=None) -> Iterator[DebugServer]:
-    server = DebugServer(cfg, _typed(view or SceneView()), config_path=config_path)
+    server = DebugServer(cfg, view or SceneView(), config_path=config_path)
     server.start()
     try:
         yield server
@@ -461,3 +460,20 @@ def test_stop_ends_open_streams_and_joins():
     finally:
         for _, sock, _ in streams:
             sock.close()
+
+
+def test_edged_run_with_the_web_port_taken_names_it(tmp_path):
+    """What a new user sees when 8080 is taken: one line naming the debug server and web.port."""
+    video = scene_mod.write_video(scene_mod.default_scene(n_frames=5), tmp_path / "scene.mp4")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = tmp_path / "edged.yaml"
+        config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "capture": {"source": str(video)},
+                                          "mqtt": {"enabled": False}, "web": {"port": port}}))
+        r = subprocess.run([sys.executable, "-m", "edged", "run", "--config", str(config)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode != 0
+    assert f"web.port: {port} on 127.0.0.1 is already in use (the debug server)" in r.stderr
+    assert "Traceback" not in r.stderr

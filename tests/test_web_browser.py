@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 import yaml
 
+from edged import scene
 from edged.web import TRACK_COLORS
 from tests.conftest import ROOT, free_port
 
@@ -132,7 +133,12 @@ def start_browser(profile: Path) -> Cdp:
                             pass_fds=(3, 4), preexec_fn=child_fds)
     os.close(to_r)
     os.close(from_w)
-    return Cdp(proc, to_w, from_r)
+    try:
+        return Cdp(proc, to_w, from_r)
+    except BaseException:
+        proc.kill()
+        proc.wait(timeout=20)
+        raise
 
 
 def stop_browser(cdp: Cdp) -> None:
@@ -183,7 +189,6 @@ def video_frames(path: Path, step: int = 3) -> List[np.ndarray]:
 # ---------------------------------------------------------------------------------------------- daemon
 @pytest.fixture(scope="module")
 def demo_video(tmp_path_factory) -> Path:
-    scene = pytest.importorskip("edged.scene")
     return Path(scene.write_video(scene.default_scene(), tmp_path_factory.mktemp("scene") / "scene.mp4"))
 
 
