@@ -309,7 +309,7 @@ class DebugServer:
         self._lock = threading.Condition()
         self._conns: Set[socket.socket] = set()
         self._streams = 0
-        self._counts: Dict[str, int] = {"connections_total": 0, "connections_refused": 0, "streams_refused": 0, "auth_failures": 0}
+        self._counts = {"connections_total": 0, "connections_refused": 0, "streams_refused": 0, "auth_failures": 0}
         self._httpd: Optional[_Listener] = None
         self._pending: Optional[_Listener] = None  # a new listener for the serve loop to switch to
         self._loop_done = threading.Event()
@@ -514,35 +514,42 @@ class DebugServer:
                 out.append(f"# TYPE {name} {kind}")
                 out.extend(f"{name}{labels} {v}" for labels, v in rows)
 
-        metric("edged_frames_processed_total", "counter", "Frames through the whole pipeline.", ("", s.get("frames_processed")))
-        metric("edged_events_total", "counter", "Events emitted (enter, exit, position, zone, line).", ("", s.get("events")))
-        metric("edged_uptime_seconds", "gauge", "Seconds since the daemon started.", ("", s.get("uptime_s")))
-        metric("edged_capture_fps", "gauge", "Frames read from the source per second.", ("", s.get("capture_fps")))
-        metric("edged_inference_fps", "gauge", "Frames detected per second.", ("", s.get("inference_fps")))
-        metric("edged_stage_milliseconds", "gauge", "Moving average of each stage's time per frame.",
-               *((f'{{stage="{_label(k)}"}}', v) for k, v in sorted((s.get("stage_ms") or {}).items())))
-        metric("edged_capture_frames_total", "counter", "Frames read from the source.", ("", cap.get("captured")))
-        metric("edged_capture_delivered_frames_total", "counter", "Frames taken by the pipeline.", ("", cap.get("delivered")))
-        metric("edged_capture_dropped_frames_total", "counter", "Live frames replaced before the pipeline took them.", ("", cap.get("dropped")))
-        metric("edged_capture_skipped_frames_total", "counter", "Live frames skipped by capture.fps_cap.", ("", cap.get("skipped")))
-        metric("edged_capture_reconnects_total", "counter", "Failed opens and lost sources.", ("", cap.get("reconnects")))
-        metric("edged_outbox_depth", "gauge", "Messages waiting in the outbox.", ("", s.get("outbox_depth", mqtt.get("outbox_depth"))))
-        metric("edged_outbox_bytes", "gauge", "Bytes waiting in the outbox.", ("", mqtt.get("outbox_bytes")))
-        metric("edged_outbox_oldest_age_seconds", "gauge", "Age of the oldest undelivered message.",
-               ("", _first(s.get("outbox_oldest_age_s"), mqtt.get("oldest_undelivered_age_s"))))
-        metric("edged_mqtt_connected", "gauge", "1 while connected to the broker.", ("", mqtt.get("connected")))
-        metric("edged_mqtt_inflight", "gauge", "Publishes waiting for the broker's acknowledgement.", ("", mqtt.get("inflight")))
-        metric("edged_mqtt_published_total", "counter", "Messages delivered to the broker.", ("", mqtt.get("published")))
-        metric("edged_mqtt_reconnects_total", "counter", "Broker reconnections.", ("", mqtt.get("reconnects")))
-        metric("edged_outbox_dropped_total", "counter", "Messages dropped from a full outbox.", ("", mqtt.get("dropped")))
-        metric("edged_stage_failures_total", "counter", "Failures (each followed by a restart) per supervised stage.",
-               *((f'{{stage="{_label(k)}"}}', v.get("failures")) for k, v in sorted((s.get("stages") or {}).items())
-                 if isinstance(v, dict)))
-        metric("edged_cpu_temperature_celsius", "gauge", "SoC temperature.", ("", s.get("cpu_temperature_c")))
-        metric("edged_web_connections", "gauge", "Open debug server connections.", ("", web["connections"]))
-        metric("edged_web_connections_total", "counter", "Debug server connections admitted.", ("", web["connections_total"]))
-        metric("edged_web_stream_clients", "gauge", "Open MJPEG streams.", ("", web["stream_clients"]))
-        metric("edged_web_refused_total", "counter", "Requests refused with 503 or 401.",
+        def by_stage(values: Dict[str, Any]) -> List[Tuple[str, Any]]:
+            return [(f'{{stage="{_label(k)}"}}', v) for k, v in sorted(values.items())]
+
+        C, G = "counter", "gauge"
+        oldest = _first(s.get("outbox_oldest_age_s"), mqtt.get("oldest_undelivered_age_s"))
+        failures = {k: v.get("failures") for k, v in (s.get("stages") or {}).items() if isinstance(v, dict)}
+        for name, kind, help_, value in (
+            ("edged_frames_processed_total", C, "Frames through the whole pipeline.", s.get("frames_processed")),
+            ("edged_events_total", C, "Events emitted (enter, exit, position, zone, line).", s.get("events")),
+            ("edged_uptime_seconds", G, "Seconds since the daemon started.", s.get("uptime_s")),
+            ("edged_capture_fps", G, "Frames read from the source per second.", s.get("capture_fps")),
+            ("edged_inference_fps", G, "Frames detected per second.", s.get("inference_fps")),
+            ("edged_capture_frames_total", C, "Frames read from the source.", cap.get("captured")),
+            ("edged_capture_delivered_frames_total", C, "Frames taken by the pipeline.", cap.get("delivered")),
+            ("edged_capture_dropped_frames_total", C, "Live frames replaced before being taken.", cap.get("dropped")),
+            ("edged_capture_skipped_frames_total", C, "Live frames skipped by capture.fps_cap.", cap.get("skipped")),
+            ("edged_capture_reconnects_total", C, "Failed opens and lost sources.", cap.get("reconnects")),
+            ("edged_outbox_depth", G, "Messages waiting in the outbox.", _first(s.get("outbox_depth"), mqtt.get("outbox_depth"))),
+            ("edged_outbox_bytes", G, "Bytes waiting in the outbox.", mqtt.get("outbox_bytes")),
+            ("edged_outbox_oldest_age_seconds", G, "Age of the oldest undelivered message.", oldest),
+            ("edged_outbox_dropped_total", C, "Messages dropped from a full outbox.", mqtt.get("dropped")),
+            ("edged_mqtt_connected", G, "1 while connected to the broker.", mqtt.get("connected")),
+            ("edged_mqtt_inflight", G, "Publishes waiting for the broker's acknowledgement.", mqtt.get("inflight")),
+            ("edged_mqtt_published_total", C, "Messages delivered to the broker.", mqtt.get("published")),
+            ("edged_mqtt_reconnects_total", C, "Broker reconnections.", mqtt.get("reconnects")),
+            ("edged_cpu_temperature_celsius", G, "SoC temperature.", s.get("cpu_temperature_c")),
+            ("edged_web_connections", G, "Open debug server connections.", web["connections"]),
+            ("edged_web_connections_total", C, "Debug server connections admitted.", web["connections_total"]),
+            ("edged_web_stream_clients", G, "Open MJPEG streams.", web["stream_clients"]),
+        ):
+            metric(name, kind, help_, ("", value))
+        metric("edged_stage_milliseconds", G, "Moving average of each stage's time per frame.",
+               *by_stage(s.get("stage_ms") or {}))
+        metric("edged_stage_failures_total", C, "Failures (each followed by a restart) per supervised stage.",
+               *by_stage(failures))
+        metric("edged_web_refused_total", C, "Requests refused with 503 or 401.",
                ('{reason="connections"}', web["connections_refused"]), ('{reason="streams"}', web["streams_refused"]),
                ('{reason="auth"}', web["auth_failures"]))
         return "\n".join(out) + "\n"
