@@ -317,10 +317,33 @@ class MqttConfig(_Section):
 # ---------------------------------------------------------------------------------------------- rest
 class WebConfig(_Section):
     enabled: bool = True
-    host: str = Field("127.0.0.1", description="Bind address of the debug HTTP server.")
+    host: str = Field("127.0.0.1", description="Bind address of the debug HTTP server; beyond loopback, set "
+                      "username and password_file (anyone who reaches it sees the camera).")
     port: int = Field(8080, ge=0, le=65535, description="0 = pick a free port.")
     mjpeg_fps: float = Field(5.0, gt=0.0, le=60.0)
     jpeg_quality: int = Field(70, ge=10, le=100)
+    username: Optional[str] = Field(None, description="HTTP Basic auth user (with password_file); /healthz stays open.")
+    password_file: Optional[str] = Field(None, description="File holding only the HTTP Basic auth password.")
+    max_stream_clients: int = Field(4, ge=1, le=64, description="Simultaneous /stream.mjpg viewers; more get 503.")
+    max_connections: int = Field(16, ge=2, le=256, description="Simultaneous connections (one thread each); more get 503.")
+    client_timeout_s: float = Field(
+        10.0, gt=0.0, le=600.0, description="Drop a client that sends nothing, or stops reading, for this long."
+    )
+
+    @field_validator("username")
+    @classmethod
+    def _user(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and (not v or ":" in v):
+            raise ValueError("must be non-empty and contain no ':' (HTTP Basic auth)")
+        return v
+
+    @model_validator(mode="after")
+    def _auth_and_caps(self) -> "WebConfig":
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("give both username and password_file (HTTP Basic auth), or neither")
+        if self.max_stream_clients >= self.max_connections:
+            raise ValueError("max_stream_clients must be below max_connections (the page and status need a connection too)")
+        return self
 
 
 class LoggingConfig(_Section):
