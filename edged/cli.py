@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
 from typing import List, Optional
 
 from edged import __version__
+
+# What a shell reports for a program killed by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 128 + int(signal.SIGPIPE)
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -53,9 +58,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args._run(args) or 0)
+        code = int(args._run(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit flush
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`edged models info x | head`): stop quietly, as a program killed by
+        # SIGPIPE would. stdout points at /dev/null so the exit-time flush cannot raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,13 @@
-"""Shared fixtures: a real mosquitto broker on a free loopback port, paths to ../shared data."""
+"""Shared fixtures: a real mosquitto broker on a free loopback port, paths to ../shared data.
+
+A test whose prerequisite (data under ../shared, mosquitto, an optional module) is missing skips on a
+developer's machine but FAILS when the environment variable CI is set: CI must not pass by skipping.
+Use `shared_path`, `need_module` and `need_program` instead of pytest.skip/importorskip.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
@@ -10,7 +16,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from types import ModuleType
+from typing import List, NoReturn, Optional
 
 import pytest
 
@@ -20,12 +27,39 @@ SHARED_DATA = SHARED / "data"
 SHARED_MODELS = SHARED / "models"
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(reason: str) -> NoReturn:
+    """A prerequisite of the test is absent: skip locally, fail under CI (also at module level)."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: a missing prerequisite fails instead of skipping)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def shared_path(*parts: str) -> Path:
-    """A path under ../shared, or skip the test with the reason when it is absent."""
+    """A path under ../shared; when it is absent the test skips locally and fails under CI."""
     p = SHARED.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"needs {p} (../shared is not present in this checkout)")
+        missing(f"needs {p} (../shared is not present in this checkout)")
     return p
+
+
+def need_module(name: str) -> ModuleType:
+    """`pytest.importorskip` that fails under CI: the imported module."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(f"needs the Python module {name} ({exc}); install edged's dev extra")
+
+
+def need_program(name: str, *other_places: str) -> str:
+    """The path of an executable on PATH (or at one of `other_places`); skips locally, fails under CI."""
+    found = shutil.which(name) or next((p for p in other_places if os.access(p, os.X_OK)), None)
+    if found is None:
+        missing(f"needs the program {name} (apt-get install the package that provides it)")
+    return found
 
 
 def free_port() -> int:
@@ -78,7 +112,7 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> None:
         if MOSQUITTO is None:
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+            missing("mosquitto is not installed (apt-get install mosquitto)")
         self.write_conf()
         # mosquitto as root drops to user 'mosquitto': let it write its log in our temp dir.
         try:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, need_module, shared_path
 from tests.mqttutil import Collector
 
 pytestmark = pytest.mark.slow
@@ -66,14 +66,14 @@ def _terminate(proc: subprocess.Popen) -> None:
 
 
 def _validator(name: str):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = need_module("jsonschema")
     schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
     return jsonschema.Draft202012Validator(schema)
 
 
 @pytest.fixture(scope="module")
 def demo_video(tmp_path_factory):
-    scene = pytest.importorskip("edged.scene")
+    scene = need_module("edged.scene")
     d = tmp_path_factory.mktemp("scene")
     spec = scene.default_scene()
     video = scene.write_video(spec, d / "scene.mp4")

@@ -16,13 +16,13 @@ from _mqtt_helpers import (
     DEVICE_PASSWORD, DEVICE_USER, SUB_PASSWORD, SUB_USER, Collector, mosquitto_passwd_file, wait_until,
     world_readable_dir,
 )
-from conftest import free_port
+from conftest import free_port, need_module
 from edged.config import MqttConfig
 from edged.mqtt.client import MqttPublisher, MqttSetupError
 from edged.mqtt.outbox import Outbox
 from edged.mqtt.topics import Topics
 
-x509 = pytest.importorskip("cryptography.x509")
+x509 = need_module("cryptography.x509")
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: E402

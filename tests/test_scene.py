@@ -21,7 +21,7 @@ from edged.scene import (
     write_gt,
     write_video,
 )
-from tests.conftest import shared_path
+from tests.conftest import missing, shared_path
 
 
 def small_scene(seed: int = 0, n_frames: int = 30) -> SceneSpec:
@@ -205,7 +205,7 @@ def test_edged_int8_detector_sees_the_persons():
 
     model = PROJECT_ROOT / DetectorConfig().model
     if not model.is_file():
-        pytest.skip(f"needs {model} (build it with scripts/build_models.sh)")
+        missing(f"needs {model} (build it with scripts/build_models.sh)")
     from edged.inference.yolo import YoloDetector
 
     detector = YoloDetector.from_config(DetectorConfig(classes=["person"], score_threshold=0.3))
