@@ -48,17 +48,12 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # Import only the module of the command being run (cheap start, optional deps stay optional).
-    command = next((a for a in argv if not a.startswith("-")), None)
-    only = command if command in COMMANDS else "__none__"
-    parser = build_parser(only=only)
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
     try:
-        code = int(args._run(args) or 0)
+        try:
+            code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+        except SystemExit:  # argparse's --help, --version and usage errors
+            sys.stdout.flush()
+            raise
         sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit flush
         return code
     except KeyboardInterrupt:
@@ -70,6 +65,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_BROKEN_PIPE
+
+
+def _dispatch(argv: List[str]) -> int:
+    # Import only the module of the command being run (cheap start, optional deps stay optional).
+    command = next((a for a in argv if not a.startswith("-")), None)
+    only = command if command in COMMANDS else "__none__"
+    parser = build_parser(only=only)
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    return int(args._run(args) or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
