@@ -12,7 +12,8 @@ import json
 import sys
 import threading
 import time
-from typing import Any, Optional
+import uuid
+from typing import Any, List, Optional
 
 from edged.config import ConfigError, load_config, read_password
 
@@ -34,6 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=0.0, metavar="SECONDS",
                    help=f"exit with status {EXIT_UNREACHABLE} when not subscribed within SECONDS "
                         "(default: keep retrying)")
+    p.add_argument("--clear-retained", action="store_true",
+                   help="delete the retained messages under the topics (e.g. of a retired device: its "
+                        "availability and state), print their topics and exit")
 
 
 def _say(text: str) -> None:
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     if tls_context is not None:
         client.tls_set_context(tls_context)
         client.tls_insecure_set(not m.tls.verify_hostname)
+    if args.clear_retained:
+        marker = f"{m.topic_prefix}/_watch/{uuid.uuid4().hex}"
+        return _clear_retained(client, host, port, topic, marker, args.timeout or 30.0)
 
     def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
@@ -162,3 +169,54 @@ def _connect(client: Any, host: str, port: int, deadline: Optional[float]) -> bo
         _say(f"cannot connect to {host}:{port}: {reason}; retrying in {wait:.1f} s")
         time.sleep(wait)
         delay = min(delay * 2, RETRY_MAX_S)
+
+
+def _clear_retained(client: Any, host: str, port: int, topic: str, marker: str, timeout: float) -> int:
+    """Publish an empty retained payload (MQTT's way to delete) to every topic under `topic` that holds
+    a retained message.
+
+    Which topics hold one is learnt by subscribing to `topic` and to a private `marker` topic in one
+    SUBSCRIBE, then publishing to the marker: the broker queues the retained messages when it handles
+    the SUBSCRIBE, so once the marker comes back every retained message has arrived before it."""
+    retained: List[str] = []
+    marker_back = threading.Event()
+    refused: List[str] = []
+
+    def on_connect(c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            refused.append(str(rc))
+            marker_back.set()
+        else:
+            c.subscribe([(topic, 1), (marker, 1)])
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        if msg.topic == marker:
+            marker_back.set()
+        elif msg.retain and msg.payload and msg.topic not in retained:
+            retained.append(msg.topic)
+
+    client.on_connect, client.on_message = on_connect, on_message
+    client.on_subscribe = lambda c, _u, _mid, _rcs, _p: c.publish(marker, b"marker", qos=1)
+    deadline = time.monotonic() + timeout
+    if not _connect(client, host, port, deadline):
+        return EXIT_UNREACHABLE
+    client.loop_start()
+    try:
+        if not marker_back.wait(max(0.0, deadline - time.monotonic())):
+            _say(f"gave up: {host}:{port} did not answer within {timeout:g} s")
+            return EXIT_UNREACHABLE
+        if refused:
+            _say(f"{host}:{port} refused the connection: {refused[0]}")
+            return EXIT_UNREACHABLE
+        for name in retained:
+            info = client.publish(name, b"", qos=1, retain=True)
+            info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            if not info.is_published():
+                _say(f"gave up: {host}:{port} did not acknowledge clearing {name}")
+                return EXIT_UNREACHABLE
+            print(f"cleared retained {name}", flush=True)
+        _say(f"{len(retained)} retained message(s) cleared under {topic}")
+        return 0
+    finally:
+        client.disconnect()
+        client.loop_stop()

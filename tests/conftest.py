@@ -13,13 +13,17 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import List, NoReturn, Optional
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -179,3 +183,33 @@ def broker_factory(tmp_path):
 def broker(broker_factory) -> Broker:
     """A plain anonymous mosquitto on a free 127.0.0.1 port."""
     return broker_factory()
+
+
+def retained_topics(port: int, topic_filter: str, timeout: float = 30.0) -> List[str]:
+    """Topics under `topic_filter` holding a retained message on the broker right now.
+
+    Subscribes to the filter and to a private marker topic in one SUBSCRIBE, then publishes to the
+    marker: the broker queued every retained message when it handled the SUBSCRIBE, so all of them
+    have arrived once the marker is back (an event, not a guessed delay)."""
+    marker = f"test-marker/{uuid.uuid4().hex}"
+    found: List[str] = []
+    back = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_message(_c, _u, msg) -> None:
+        if msg.topic == marker:
+            back.set()
+        elif msg.retain and msg.payload:
+            found.append(msg.topic)
+
+    client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe([(topic_filter, 1), (marker, 1)])
+    client.on_subscribe = lambda c, _u, _m, _r, _p: c.publish(marker, b"m", qos=1)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert back.wait(timeout), "the broker never sent the marker back"
+        return found
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -12,7 +12,7 @@ from typing import List
 
 import paho.mqtt.publish as publish
 
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, retained_topics
 
 EVENT = {"seq": 7, "type": "enter", "track_id": 3, "class": "person", "event_id": "testcam-7",
          "box": [0.1, 0.2, 0.3, 0.4], "camera": "cam0", "ts": "2024-01-01T00:00:00Z"}
@@ -93,3 +93,14 @@ def test_lost_connection_is_said_and_watching_resumes(broker):
         reader.join(10)
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_clear_retained_deletes_one_devices_retained_messages_only(broker):
+    _publish_retained(broker.port, "edged/old-cam/availability", "offline")
+    _publish_retained(broker.port, "edged/old-cam/state", json.dumps({"tracks": 0}))
+    _publish_retained(broker.port, "edged/door/availability", "online")
+    r = _watch("--port", str(broker.port), "--device", "old-cam", "--clear-retained", "--timeout", "30")
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.splitlines()) == ["cleared retained edged/old-cam/availability",
+                                            "cleared retained edged/old-cam/state"]
+    assert retained_topics(broker.port, "edged/#") == ["edged/door/availability"]
