@@ -2,7 +2,7 @@
 
 Each subcommand lives in the module that does the work: the module provides
 `add_arguments(parser)` and `run(args) -> int`, and is imported only when that command runs, so
-`edged check-config` stays fast and works without the model runtime installed.
+a command starts fast and the optional dependencies of the others (TensorFlow, motmetrics) stay optional.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ EXIT_BROKEN_PIPE = 128 + int(signal.SIGPIPE)
 # name -> (module, one-line help)
 COMMANDS = {
     "run": ("edged.service", "run the daemon"),
-    "check-config": ("edged.cli_config", "validate a config file (exit 0 when valid)"),
+    "check-config": ("edged.cli_config", "validate a config file and check what `run` checks at start-up (exit 0 when it can start)"),
     "config": ("edged.cli_config_show", "print the effective config (defaults + file + overlay)"),
     "models": ("edged.inference.cli", "inspect, convert and build models"),
     "mot": ("edged.tracking.mot", "run the tracker on MOTChallenge detections"),
