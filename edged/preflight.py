@@ -182,6 +182,17 @@ def _check_state_dir(cfg: EdgedConfig, config_path: ConfigPath) -> List[Problem]
         what = "is not a directory" if existing == state else f"cannot be created: {existing} is not a directory"
         return [Problem("state_dir", f"{state} {what}", exitcodes.CANT_CREATE)]
     if not os.access(existing, os.W_OK | os.X_OK):
-        what = "is not writable" if existing == state else f"cannot be created: {existing} is not writable"
+        # Says whose view this is: the service may run as another user (edged) than check-config.
+        who = f"by user {_user_name()}"
+        what = f"is not writable {who}" if existing == state else f"cannot be created: {existing} is not writable {who}"
         return [Problem("state_dir", f"{state} {what}", exitcodes.CANT_CREATE)]
     return []
+
+
+def _user_name() -> str:
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.geteuid())
