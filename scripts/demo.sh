@@ -34,7 +34,8 @@ WORK="$(mktemp -d)"
 pids=()
 users_broker=""
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Newest first: the watcher goes before the broker it watches.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill "${pids[i]}" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [ -n "$users_broker" ]; then
     # edged has stopped: delete the retained messages the demo device left on the user's broker.
