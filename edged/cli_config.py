@@ -1,15 +1,20 @@
-"""`edged check-config FILE`: validate, print every problem, exit non-zero when any."""
+"""`edged check-config FILE`: validate the config and check what `edged run` checks at start-up
+(models load, TLS and password files, the source, the state directory); print every problem and exit
+with the code `edged run` would exit with (edged.exitcodes)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
-from edged.config import ConfigError, load_config, resolve_path
+from edged import exitcodes
+from edged.config import ConfigError, load_config
+from edged.preflight import exit_code, preflight
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help="YAML config file")
+    p.add_argument("file", metavar="FILE", help="YAML config file")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing when valid")
 
 
@@ -18,17 +23,18 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(args.file)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
-        return 1
-    warnings = []
-    for section in ("detector", "encoder"):
-        model = getattr(cfg, section).model
-        if section == "encoder" and not cfg.encoder.enabled:
-            continue
-        path = resolve_path(model, args.file)
-        if not path.is_file():
-            warnings.append(f"{section}.model: file not found: {path}")
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
+        return exitcodes.CONFIG
+    problems = preflight(cfg, args.file)
+    if problems:
+        print(f"{args.file}: edged run would refuse this configuration:", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return exit_code(problems)
     if not args.quiet:
-        print(f"{args.file}: OK (device_id={cfg.device_id}, source={cfg.capture.source!r})")
+        print(f"{args.file}: OK (device_id={cfg.device_id}, source={_without_password(cfg.capture.source)!r})")
     return 0
+
+
+def _without_password(source: object) -> object:
+    """rtsp://user:secret@cam/x -> rtsp://user:***@cam/x: the OK line may end up in a log."""
+    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", source) if isinstance(source, str) else source

@@ -566,6 +566,17 @@ def resolve_path(value: str, config_path: Union[str, Path, None] = None) -> Path
     return candidates[0]
 
 
+def resolve_state_dir(cfg: EdgedConfig, config_path: Union[str, Path, None] = None) -> Path:
+    """The state directory: a relative `state_dir` is next to the config file (as the config header
+    says), else in the working directory. Unlike `resolve_path`, nothing is searched: the directory
+    may not exist yet, and its place must not depend on what happens to exist."""
+    p = Path(cfg.state_dir).expanduser()
+    if p.is_absolute():
+        return p
+    base = Path(config_path).resolve().parent if config_path is not None else Path.cwd()
+    return base / p
+
+
 def read_password(cfg: MqttConfig, config_path: Union[str, Path, None] = None) -> Optional[str]:
     if cfg.password_file:
         path = resolve_path(cfg.password_file, config_path)

@@ -1,18 +1,29 @@
-"""Shared fixtures: a real mosquitto broker on a free loopback port, paths to ../shared data."""
+"""Shared fixtures: a real mosquitto broker on a free loopback port, paths to ../shared data.
+
+A test whose prerequisite (data under ../shared, mosquitto, an optional module) is missing skips on a
+developer's machine but FAILS when the environment variable CI is set: CI must not pass by skipping.
+Use `shared_path`, `need_module` and `need_program` instead of pytest.skip/importorskip.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from types import ModuleType
+from typing import List, NoReturn, Optional
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -20,12 +31,39 @@ SHARED_DATA = SHARED / "data"
 SHARED_MODELS = SHARED / "models"
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing(reason: str) -> NoReturn:
+    """A prerequisite of the test is absent: skip locally, fail under CI (also at module level)."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: a missing prerequisite fails instead of skipping)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def shared_path(*parts: str) -> Path:
-    """A path under ../shared, or skip the test with the reason when it is absent."""
+    """A path under ../shared; when it is absent the test skips locally and fails under CI."""
     p = SHARED.joinpath(*parts)
     if not p.exists():
-        pytest.skip(f"needs {p} (../shared is not present in this checkout)")
+        missing(f"needs {p} (../shared is not present in this checkout)")
     return p
+
+
+def need_module(name: str) -> ModuleType:
+    """`pytest.importorskip` that fails under CI: the imported module."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        missing(f"needs the Python module {name} ({exc}); install edged's dev extra")
+
+
+def need_program(name: str, *other_places: str) -> str:
+    """The path of an executable on PATH (or at one of `other_places`); skips locally, fails under CI."""
+    found = shutil.which(name) or next((p for p in other_places if os.access(p, os.X_OK)), None)
+    if found is None:
+        missing(f"needs the program {name} (apt-get install the package that provides it)")
+    return found
 
 
 def free_port() -> int:
@@ -78,7 +116,7 @@ class Broker:
 
     def start(self, timeout: float = 10.0) -> None:
         if MOSQUITTO is None:
-            pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+            missing("mosquitto is not installed (apt-get install mosquitto)")
         self.write_conf()
         # mosquitto as root drops to user 'mosquitto': let it write its log in our temp dir.
         try:
@@ -145,3 +183,33 @@ def broker_factory(tmp_path):
 def broker(broker_factory) -> Broker:
     """A plain anonymous mosquitto on a free 127.0.0.1 port."""
     return broker_factory()
+
+
+def retained_topics(port: int, topic_filter: str, timeout: float = 30.0) -> List[str]:
+    """Topics under `topic_filter` holding a retained message on the broker right now.
+
+    Subscribes to the filter and to a private marker topic in one SUBSCRIBE, then publishes to the
+    marker: the broker queued every retained message when it handled the SUBSCRIBE, so all of them
+    have arrived once the marker is back (an event, not a guessed delay)."""
+    marker = f"test-marker/{uuid.uuid4().hex}"
+    found: List[str] = []
+    back = threading.Event()
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+    def on_message(_c, _u, msg) -> None:
+        if msg.topic == marker:
+            back.set()
+        elif msg.retain and msg.payload:
+            found.append(msg.topic)
+
+    client.on_connect = lambda c, _u, _f, _rc, _p: c.subscribe([(topic_filter, 1), (marker, 1)])
+    client.on_subscribe = lambda c, _u, _m, _r, _p: c.publish(marker, b"m", qos=1)
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        assert back.wait(timeout), "the broker never sent the marker back"
+        return found
+    finally:
+        client.disconnect()
+        client.loop_stop()

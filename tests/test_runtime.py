@@ -10,7 +10,7 @@ import pytest
 from edged.inference import runtime
 from edged.inference.runtime import ModelError, TensorSpec
 
-from conftest import shared_path
+from conftest import need_module, shared_path
 
 ROOT = Path(__file__).resolve().parent.parent
 DETECTOR = ROOT / "models" / "yolov3-tiny-416-int8.tflite"
@@ -109,11 +109,12 @@ def test_unknown_delegate():
         runtime.load_interpreter(DETECTOR, delegate="gpu")
 
 
-def test_edgetpu_delegate_missing_is_a_clear_error():
+def test_edgetpu_delegate_missing_is_a_clear_error(monkeypatch):
     import ctypes.util
+    import platform
 
-    if ctypes.util.find_library("edgetpu"):
-        pytest.skip("libedgetpu is installed here; the missing-library path cannot be exercised")
+    if ctypes.util.find_library("edgetpu"):  # installed here: name a library that is not
+        monkeypatch.setitem(runtime.EDGETPU_LIBRARY, platform.system(), "libedgetpu-absent.so.1")
     with pytest.raises(ModelError) as ei:
         runtime.load_interpreter(DETECTOR, delegate="edgetpu", edgetpu_device="usb:0")
     msg = str(ei.value)
@@ -138,7 +139,7 @@ def test_quantize_dequantize_uint8_int8_float():
 
 
 def test_tensorflow_lite_backend_gives_the_same_outputs(monkeypatch):
-    pytest.importorskip("tensorflow")
+    need_module("tensorflow")
     x = np.random.default_rng(1).integers(0, 256, (1, 416, 416, 3), dtype=np.uint8)
     litert = _invoke(DETECTOR, x)
     monkeypatch.setenv("EDGED_TFLITE_RUNTIME", "tensorflow")
