@@ -394,9 +394,10 @@ class Daemon:
         self._run_started = time.monotonic()
         track = self._track_thread = self._start_thread(self._tracking_loop, "edged-track")
         infer = self._start_thread(self._inference_loop, "edged-infer")
-        notifier.ready(f"running on {self.source_override or self.cfg.capture.source}")
+        # The description, not the configured value: a stream URL's password is redacted there.
+        notifier.ready(f"running on {self.source.description}")
         log.info("edged %s running: device=%s source=%s mqtt=%s", __version__, self.cfg.device_id,
-                 self.source_override or self.cfg.capture.source, "on" if self.publisher else "off")
+                 self.source.description, "on" if self.publisher else "off")
         wd = watchdog_interval_s()
         next_stats = time.monotonic() + self.cfg.mqtt.stats_interval_s
         while not self.stop_event.is_set():
@@ -430,6 +431,10 @@ class Daemon:
                 log.info("%d messages kept in the outbox for the next start", left)
         notifier.close()
         log.info("stopped after %d frames, %d events", self.frames_processed, self.events_emitted)
+        if self.capture.failed:  # the source can never deliver: a restart cannot help
+            from edged.exitcodes import NO_INPUT
+
+            return NO_INPUT
         return 1 if self.errors else 0
 
 
