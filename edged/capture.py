@@ -367,8 +367,10 @@ def _stream_credentials(cfg: CaptureConfig, config_path: Union[str, Path, None],
     ConfigError naming the key) and hand the source a reader for them, called at every open."""
     _, userinfo, _ = split_userinfo(url)
     url_password = (userinfo or "").partition(":")[2]
-    for secret in (url_password, unquote(url_password)):
+    _, greedy_userinfo, _ = split_userinfo(url, greedy=True)  # a password with an unencoded '?' or '#'
+    for secret in (url_password, (greedy_userinfo or "").partition(":")[2]):
         register_secret(secret)
+        register_secret(unquote(secret))
     if cfg.password_file or cfg.password_env:
         read_stream_password(cfg, config_path)  # fails here, at start-up, when unreadable
         if url_password:

@@ -56,13 +56,15 @@ def _redact_query(text: str) -> str:
     return _QUERY_PARAM_RE.sub(sub, text)
 
 
-def split_userinfo(url: str) -> Tuple[str, Optional[str], str]:
-    """(scheme://, userinfo or None, rest) of a URL. The userinfo ends at the LAST '@' before the query,
-    so a password with an unencoded '@' or '/' (a common mistake) is still taken as a whole."""
+def split_userinfo(url: str, *, greedy: bool = False) -> Tuple[str, Optional[str], str]:
+    """(scheme://, userinfo or None, rest) of a URL. The userinfo ends at the last '@' before the query,
+    so a password with an unencoded '@' or '/' (a common mistake) is still taken whole. `greedy`: at the
+    last '@' of all, so that a password with an unencoded '?' or '#' is hidden too (for display only:
+    a URL with an '@' in its query is then shown with more redacted than needed)."""
     scheme, sep, remainder = url.partition("://")
     if not sep:
         return "", None, url
-    head = re.split(r"[?#]", remainder, maxsplit=1)[0]
+    head = remainder if greedy else re.split(r"[?#]", remainder, maxsplit=1)[0]
     at = head.rfind("@")
     if at < 0:
         return scheme + sep, None, remainder
@@ -84,7 +86,7 @@ def redact_text(text: str) -> str:
 
 
 def _redact_url_structure(url: str) -> str:
-    prefix, userinfo, rest = split_userinfo(url)
+    prefix, userinfo, rest = split_userinfo(url, greedy=True)
     shown = prefix
     if userinfo is not None:
         user, colon, password = userinfo.partition(":")

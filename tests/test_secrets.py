@@ -30,6 +30,8 @@ from tests.mqttutil import Collector
     ("rtsp://:S3cret@cam/x", "rtsp://:***@cam/x"),
     # An unencoded '@' or '/' in the password (a common mistake) still hides all of it.
     ("rtsp://admin:p@ss/w0rd@10.0.0.7/live", "rtsp://admin:***@10.0.0.7/live"),
+    ("rtsp://admin:pa?ss#w0rd@10.0.0.7/live", "rtsp://admin:***@10.0.0.7/live"),
+    ("http://cam/snap.jpg?mail=a@b.org&token=T", "http://cam/snap.jpg?mail=a@b.org&token=***"),
     ("http://cam/snap.cgi?user=admin&pwd=S3cret&channel=1", "http://cam/snap.cgi?user=admin&pwd=***&channel=1"),
     ("https://h/x.m3u8?access_token=abc&X-Amz-Signature=f00&mode=1&api_key=k",
      "https://h/x.m3u8?access_token=***&X-Amz-Signature=***&mode=1&api_key=***"),
@@ -170,6 +172,47 @@ def test_invalid_values_are_echoed_redacted(tmp_path: Path):
         load_config(f)
     assert "capture.name (line 2)" in str(info.value) and "rtsp://u:***@cam/x" in str(info.value)
     assert "Ech0S3cret" not in str(info.value)
+
+
+def test_edged_config_prints_no_secret(tmp_path: Path):
+    f = tmp_path / "edged.yaml"
+    f.write_text("capture:\n  source: 'rtsp://user:S3cret@cam/x?sig=S1gS3cret'\nmqtt:\n  password: MqttS3cret\n")
+    r = subprocess.run([sys.executable, "-m", "edged", "config", "--config", str(f)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "S3cret" not in r.stdout + r.stderr
+    shown = yaml.safe_load(r.stdout)
+    assert shown["capture"]["source"] == "rtsp://user:***@cam/x?sig=***" and shown["mqtt"]["password"] == "***"
+
+
+_CAPTURE_SCRIPT = """
+import sys
+from edged.logs import setup_logging
+setup_logging("debug", "text")
+from edged.capture import CaptureThread, open_source
+from edged.config import CaptureConfig
+cfg = CaptureConfig(source=sys.argv[1], timeout_s=1.0, reconnect_min_s=0.05, reconnect_max_s=0.1)
+cap = CaptureThread(open_source(cfg), cfg).start()
+assert cap.wait_for(lambda s: s.reconnects >= 3, timeout=60)
+print(cap.stats()["last_error"])
+cap.stop()
+"""
+
+
+@pytest.mark.parametrize("user_env", [{}, {"OPENCV_LOG_LEVEL": "DEBUG"}])
+def test_native_opencv_and_ffmpeg_output_never_shows_the_stream_url(user_env: dict):
+    """FFmpeg and OpenCV write to stderr themselves, beyond any Python redaction: nothing of theirs may
+    carry the URL (FFmpeg is quieted; OpenCV names the URL only for other backends than FFmpeg)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    env.update(user_env)
+    r = subprocess.run([sys.executable, "-c", _CAPTURE_SCRIPT, f"rtsp://user:S3cret@127.0.0.1:{port}/x"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"connection to 127.0.0.1:{port} refused" in r.stdout
+    assert f"rtsp://user:***@127.0.0.1:{port}/x" in r.stderr  # edged's own lines, redacted
+    assert "S3cret" not in r.stdout + r.stderr
+    assert "[tcp @" not in r.stderr  # FFmpeg's own chatter is off
 
 
 # ---------------------------------------------------------------------------------------------- end to end
