@@ -337,6 +337,8 @@ def _why_unreachable(url: str, timeout_s: float) -> str:
     """FFmpeg is silenced (it would print the URL): say in our own words why a stream did not open."""
     prefix, _, rest = split_userinfo(url)
     scheme = prefix[:-3].lower()
+    if scheme in ("udp", "srt"):  # connectionless: nothing to probe
+        return "no stream received"
     try:
         parts = urlsplit(f"{scheme}://{re.split(r'[/?#]', rest, maxsplit=1)[0]}")
         host, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(scheme)
