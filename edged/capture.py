@@ -10,7 +10,19 @@ Policies of `CaptureThread`:
   skipped (counted), files are paced to at most fps_cap;
 - a source that cannot be opened or stops delivering is reopened with jittered exponential backoff
   between reconnect_min_s and reconnect_max_s; every attempt is logged and counted; the thread never
-  dies of a source error.
+  dies of a source error;
+- except a source that can never deliver (`SourceUnavailableError`: a video file that does not exist or
+  cannot be decoded, the demo scene without scikit-image): one error line, state "failed", `failed` holds
+  the reason and `ended` is set so consumers stop waiting. `check_source` tells the same up front.
+
+Secrets: a stream URL is shown everywhere (description, stats, errors, logs) with its password and
+credential-like query parameters redacted (edged.secrets); the URL with the password from
+capture.password_file / capture.password_env is built only inside `OpenCvSource.open`. FFmpeg and OpenCV
+print the URL they open, password included, at their verbose log levels on stderr, out of reach of any
+redaction: edged sets OPENCV_FFMPEG_LOGLEVEL=-8 (quiet) when this module loads and OpenCV's log level to
+ERROR before opening a stream, unless the user set OPENCV_FFMPEG_LOGLEVEL / OPENCV_LOG_LEVEL (then, for
+debugging, they may print it). A failed open says why in edged's own words instead (refused, no answer,
+unknown host, the server answers but the stream does not open).
 """
 
 from __future__ import annotations
@@ -19,15 +31,19 @@ import collections
 import logging
 import os
 import random
+import re
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Deque, Dict, Iterator, Optional, Union
+from urllib.parse import quote, unquote, urlsplit
 
 import cv2
 
-from edged.config import CaptureConfig, ConfigError, camera_index, resolve_path
+from edged.config import CaptureConfig, ConfigError, camera_index, read_stream_password, resolve_path
+from edged.secrets import redact_text, redact_url, register_secret, split_userinfo
 from edged.types import Frame
 
 log = logging.getLogger(__name__)
@@ -39,8 +55,17 @@ VIDEO_SUFFIXES = {
 URL_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "srt://")
 
 
+DEMO_NEEDS_SKIMAGE = "'demo' needs scikit-image: pip install 'edged[demo]'"
+_DEFAULT_PORTS = {"rtsp": 554, "rtsps": 322, "rtmp": 1935, "http": 80, "https": 443}
+
+
 class SourceError(Exception):
     """A source that cannot be opened right now (retried by the capture thread)."""
+
+
+class SourceUnavailableError(SourceError):
+    """A source that can never deliver frames (a missing video file, the demo without scikit-image): the
+    capture thread stops with state "failed" instead of retrying; `edged run` exits with NO_INPUT (66)."""
 
 
 class SourceSpecError(ConfigError, ValueError):
@@ -59,7 +84,8 @@ class FrameSource:
     live = False
 
     def __init__(self, description: str):
-        self.description = description
+        self.description = description  # shown in logs, stats and errors: never holds a secret
+        self.config_key = "capture.source"  # named in errors ("--source" when overridden)
         self.fps: Optional[float] = None
         self.at_end = False  # True after the last frame of a finite source (not an error)
         self._index = 0
@@ -67,6 +93,10 @@ class FrameSource:
 
     def bind_stop(self, stop: threading.Event) -> None:
         self._stop = stop
+
+    def check(self) -> Optional[str]:
+        """Why this source can never deliver (one line naming the config key), or None."""
+        return None
 
     def open(self) -> None:
         raise NotImplementedError
@@ -86,9 +116,16 @@ class OpenCvSource(FrameSource):
 
     def __init__(self, target: Union[int, str], kind: str, *, live: bool, backend: int = cv2.CAP_ANY,
                  loop: bool = False, width: Optional[int] = None, height: Optional[int] = None,
-                 fps: Optional[float] = None, timeout_s: float = 10.0):
-        super().__init__(f"{kind} {target}")
-        self.target = target
+                 fps: Optional[float] = None, timeout_s: float = 10.0, username: Optional[str] = None,
+                 password: Optional[Callable[[], Optional[str]]] = None):
+        shown = target
+        if isinstance(target, str) and kind == "url":  # as opened, the password (any one) redacted
+            shown = redact_url(with_credentials(target, username, "redacted" if password else None))
+        super().__init__(f"{kind} {shown}")
+        self.target = shown  # what may be shown; the URL opened (with credentials) is built in open()
+        self._url = target
+        self._username = username
+        self._password = password  # called at every open: a rotated password file is picked up
         self.kind = kind
         self.live = live
         self.backend = backend
@@ -100,19 +137,61 @@ class OpenCvSource(FrameSource):
         self._pos = 0  # frame position in the file (for stream_time)
         self._loop_offset = 0.0
 
+    def check(self) -> Optional[str]:
+        if self.kind != "file":
+            return None  # cameras get plugged in, streams come back: never hopeless
+        problem = self._file_problem()
+        if problem is None:
+            cap = cv2.VideoCapture(str(self._url), self.backend)
+            opened = cap.isOpened()
+            cap.release()
+            if not opened:
+                problem = f"cannot decode video file {self._url} (not a video, or a codec OpenCV lacks)"
+        return f"{self.config_key}: {problem}" if problem else None
+
+    def _file_problem(self) -> Optional[str]:
+        path = Path(str(self._url))
+        if "%" in path.name:  # an image sequence (frame%06d.jpg): OpenCV finds the first file
+            return None if path.parent.is_dir() else f"folder {path.parent} of image sequence {path.name} does not exist"
+        if not path.exists():
+            return f"video file {path} does not exist"
+        if not path.is_file():
+            return f"{path} is not a file"
+        return None
+
+    def _open_target(self) -> Union[int, str]:
+        """The URL with the configured credentials, URL-encoded (only ever held by open())."""
+        if self.kind != "url" or (self._username is None and self._password is None):
+            return self._url
+        try:
+            password = self._password() if self._password is not None else None
+        except ConfigError as exc:  # the password file vanished: maybe a rotation in progress
+            raise SourceError(str(exc).replace("\n", " ")) from None
+        return with_credentials(str(self._url), self._username, password)
+
     def open(self) -> None:
         self.close()
         self.at_end = False
-        if self.kind == "file" and not Path(str(self.target)).exists():
-            raise SourceError(f"video file {self.target} does not exist (yet)")
         params = []
-        if self.kind == "url":
+        if self.kind == "file":
+            problem = self._file_problem()
+            if problem:
+                raise SourceUnavailableError(f"{self.config_key}: {problem}")
+        elif self.kind == "url":
+            _quiet_opencv_logs()
             ms = int(self.timeout_s * 1000)
             params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
-        cap = cv2.VideoCapture(self.target, self.backend, params) if params else cv2.VideoCapture(self.target, self.backend)
+        target = self._open_target()
+        cap = cv2.VideoCapture(target, self.backend, params) if params else cv2.VideoCapture(target, self.backend)
+        del target
         if not cap.isOpened():
             cap.release()
-            raise SourceError(f"OpenCV cannot open {self.description}")
+            if self.kind == "file":
+                raise SourceUnavailableError(f"{self.config_key}: cannot decode video file {self._url} "
+                                             "(not a video, or a codec OpenCV lacks)")
+            if self.kind == "url":
+                raise SourceError(f"OpenCV cannot open the stream: {_why_unreachable(str(self._url), self.timeout_s)}")
+            raise SourceError(f"OpenCV cannot open the {self.kind}")
         if self.kind == "camera":
             if self.req_width:
                 cap.set(cv2.CAP_PROP_FRAME_WIDTH, self.req_width)
@@ -176,7 +255,14 @@ class DemoSource(FrameSource):
         self._t0 = 0.0
         self._start_index = 0
 
+    def check(self) -> Optional[str]:
+        problem = _demo_problem()
+        return f"{self.config_key} {problem}" if problem else None
+
     def open(self) -> None:
+        problem = self.check()
+        if problem:
+            raise SourceUnavailableError(problem)
         self.at_end = False
         self._pos = 0
         self._t0 = time.monotonic()
@@ -205,9 +291,95 @@ class DemoSource(FrameSource):
         return frame
 
 
+def _demo_problem() -> Optional[str]:
+    """Why the demo scene cannot render, or None: its photographs ship inside scikit-image."""
+    from edged import scene
+
+    try:
+        folder = scene.skimage_data_dir()
+    except (ImportError, ValueError, RuntimeError):  # not installed, or made unimportable
+        return DEMO_NEEDS_SKIMAGE
+    # The sprites and the background's brick wall (scene._background).
+    files = sorted({s.file for s in scene.SPRITES.values()} | {"brick.png"})
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        return f"'demo' cannot find {', '.join(missing)} in {folder} (broken scikit-image install?)"
+    return None
+
+
+def with_credentials(url: str, username: Optional[str], password: Optional[str]) -> str:
+    """`url` with its userinfo replaced: `username` / `password` (percent-encoded) where given, the URL's
+    own user / password otherwise."""
+    prefix, userinfo, rest = split_userinfo(url)
+    url_user, _, url_password = (userinfo or "").partition(":")
+    user = quote(username, safe="") if username is not None else url_user
+    secret = quote(password, safe="") if password is not None else url_password
+    return f"{prefix}{user}{':' + secret if secret else ''}@{rest}" if user or secret else url
+
+
+def _quiet_opencv_logs() -> None:
+    """OpenCV's INFO/DEBUG lines name the URL being opened (measured: with another backend than FFmpeg,
+    opencv-python-headless 4.14): ERROR only, unless the user set OPENCV_LOG_LEVEL. OpenCV reads that
+    variable only when cv2 loads, hence the call."""
+    utils_logging = getattr(getattr(cv2, "utils", None), "logging", None)
+    if "OPENCV_LOG_LEVEL" not in os.environ and utils_logging is not None:
+        utils_logging.setLogLevel(utils_logging.LOG_LEVEL_ERROR)
+
+
+# FFmpeg prints the URL it opens, password included, at its debug level ("Opening 'http://user:pass@...'
+# for reading") and its own chatter at others, on stderr where no redaction reaches: quiet (-8) unless the
+# user set it. OpenCV reads this once, at the process's first FFmpeg use (reader or writer), so it is set
+# when this module loads, before any source opens.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
+
+def _why_unreachable(url: str, timeout_s: float) -> str:
+    """FFmpeg is silenced (it would print the URL): say in our own words why a stream did not open."""
+    prefix, _, rest = split_userinfo(url)
+    scheme = prefix[:-3].lower()
+    if scheme in ("udp", "srt"):  # connectionless: nothing to probe
+        return "no stream received"
+    try:
+        parts = urlsplit(f"{scheme}://{re.split(r'[/?#]', rest, maxsplit=1)[0]}")
+        host, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:
+        return "the URL's host or port is not valid"
+    if not host or not port:
+        return "no answer"
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout_s, 5.0)):
+            return f"{host}:{port} answers; check the path, the credentials and the stream format"
+    except socket.gaierror:
+        return f"cannot resolve host {host}"
+    except ConnectionRefusedError:
+        return f"connection to {host}:{port} refused"
+    except socket.timeout:
+        return f"no answer from {host}:{port}"
+    except OSError as exc:
+        return f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+
+
 def describe_source_kinds() -> str:
     return ("a camera index (0), a /dev/videoN path, a video file (.mp4, .avi, ...), an rtsp:// or "
             "http(s):// URL, or 'demo'")
+
+
+def _stream_credentials(cfg: CaptureConfig, config_path: Union[str, Path, None], url: str) -> Dict[str, Any]:
+    """Register the URL's own password as a secret; validate capture.password_file / password_env now (a
+    ConfigError naming the key) and hand the source a reader for them, called at every open."""
+    _, userinfo, _ = split_userinfo(url)
+    url_password = (userinfo or "").partition(":")[2]
+    _, greedy_userinfo, _ = split_userinfo(url, greedy=True)  # a password with an unencoded '?' or '#'
+    for secret in (url_password, (greedy_userinfo or "").partition(":")[2]):
+        register_secret(secret)
+        register_secret(unquote(secret))
+    if cfg.password_file or cfg.password_env:
+        read_stream_password(cfg, config_path)  # fails here, at start-up, when unreadable
+        if url_password:
+            log.warning("capture.%s replaces the password written in capture.source",
+                        "password_file" if cfg.password_file else "password_env")
+        return {"username": cfg.username, "password": lambda: read_stream_password(cfg, config_path)}
+    return {"username": cfg.username} if cfg.username else {}
 
 
 def open_source(cfg: CaptureConfig, config_path: Union[str, Path, None] = None,
@@ -220,8 +392,23 @@ def open_source(cfg: CaptureConfig, config_path: Union[str, Path, None] = None,
     where = "--source" if source_override is not None else "capture.source"
     if source == "":
         raise SourceSpecError(f"{where}: empty; expected {describe_source_kinds()}")
+    made = _make_source(cfg, config_path, source, where)
+    made.config_key = where
+    return made
+
+
+def check_source(cfg: CaptureConfig, config_path: Union[str, Path, None] = None,
+                 source_override: Union[str, int, None] = None) -> Optional[str]:
+    """Why the source can never deliver frames (one line naming the key: a missing or undecodable video
+    file, the demo without scikit-image), or None when it can or may (cameras and streams may come back).
+    Cheap: no network, no camera is opened. Raises SourceSpecError / ConfigError for configuration errors."""
+    return open_source(cfg, config_path, source_override).check()
+
+
+def _make_source(cfg: CaptureConfig, config_path: Union[str, Path, None], source: Union[int, str],
+                 where: str) -> FrameSource:
     live_override = cfg.live
-    common = dict(width=cfg.width, height=cfg.height, fps=None, timeout_s=cfg.timeout_s)
+    common: Dict[str, Any] = dict(width=cfg.width, height=cfg.height, fps=None, timeout_s=cfg.timeout_s)
     if isinstance(source, str) and source.lower() == "demo":
         return DemoSource(live=True if live_override is None else live_override, loop=cfg.loop)
     index = camera_index(source)
@@ -234,13 +421,13 @@ def open_source(cfg: CaptureConfig, config_path: Union[str, Path, None] = None,
     if "://" in lower:
         if not lower.startswith(URL_SCHEMES):
             scheme = source.split("://", 1)[0]
-            raise SourceSpecError(f"{where}: unsupported URL scheme {scheme!r} in {source!r}; "
+            raise SourceSpecError(f"{where}: unsupported URL scheme {scheme!r} in {redact_url(source)!r}; "
                                   f"expected one of {', '.join(s[:-3] for s in URL_SCHEMES)}")
         if lower.startswith(("rtsp://", "rtsps://")):
             # TCP interleaving: UDP RTP loses packets (smeared frames) on Wi-Fi; the user's own setting wins.
             os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
         return OpenCvSource(source, "url", live=True if live_override is None else live_override,
-                            backend=cv2.CAP_FFMPEG, **common)
+                            backend=cv2.CAP_FFMPEG, **common, **_stream_credentials(cfg, config_path, source))
     if source.startswith("/dev/"):
         raise SourceSpecError(f"{where}: {source!r} is a device but not /dev/videoN; expected {describe_source_kinds()}")
     path = resolve_path(source, config_path)
@@ -259,8 +446,8 @@ def open_source(cfg: CaptureConfig, config_path: Union[str, Path, None] = None,
 # ---------------------------------------------------------------------------------------------- thread
 @dataclass
 class CaptureStats:
-    state: str  # starting | ok | reconnecting | ended | stopped
-    source: str
+    state: str  # starting | ok | reconnecting | ended | stopped | failed (can never deliver)
+    source: str  # the description: a URL's credentials redacted
     live: bool
     captured: int  # frames read from the source
     delivered: int  # frames taken by the consumer
@@ -281,7 +468,8 @@ class CaptureThread:
         self.cfg = cfg or CaptureConfig()
         self.live = source.live if live is None else live
         self.capacity = 1 if self.live else self.cfg.queue_size
-        self.ended = threading.Event()
+        self.ended = threading.Event()  # end of a file, or failed: consumers stop waiting
+        self.failed: Optional[str] = None  # why the source can never deliver (state "failed")
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._buf: Deque[Frame] = collections.deque()
@@ -364,6 +552,7 @@ class CaptureThread:
     def _backoff(self, delay: float, reason: str) -> float:
         """Count, log, wait (interruptibly) `delay` with jitter; return the next delay."""
         wait = min(self.cfg.reconnect_max_s, delay * self._rng.uniform(0.8, 1.2))
+        reason = redact_text(reason)  # OpenCV/FFmpeg texts may quote the URL
         with self._cond:
             self._reconnects += 1
             self._state = "reconnecting"
@@ -374,6 +563,16 @@ class CaptureThread:
         self._stop.wait(wait)
         return min(self.cfg.reconnect_max_s, delay * 2.0)
 
+    def _fail(self, reason: str) -> None:
+        """The source can never deliver: one error line, state "failed", consumers released."""
+        reason = redact_text(reason)
+        log.error("%s", reason)
+        with self._cond:
+            self.failed = self._last_error = reason
+            self._state = "failed"
+            self._cond.notify_all()
+        self.ended.set()
+
     def _run(self) -> None:
         delay = self.cfg.reconnect_min_s
         opened = False
@@ -383,6 +582,9 @@ class CaptureThread:
                 if not opened:
                     try:
                         self.source.open()
+                    except SourceUnavailableError as exc:
+                        self._fail(str(exc))
+                        break
                     except SourceError as exc:
                         delay = self._backoff(delay, str(exc))
                         continue
@@ -397,7 +599,7 @@ class CaptureThread:
                 except Exception as exc:
                     log.exception("capture %s: read failed", self.source.description)
                     frame, self.source.at_end = None, False
-                    self._last_error = f"{type(exc).__name__}: {exc}"
+                    self._last_error = redact_text(f"{type(exc).__name__}: {exc}")
                 if frame is None:
                     if self._stop.is_set():
                         break
@@ -415,7 +617,7 @@ class CaptureThread:
         finally:
             self.source.close()
             with self._cond:
-                if self._state != "ended":
+                if self._state not in ("ended", "failed"):
                     self._state = "stopped"
                 self._cond.notify_all()
 

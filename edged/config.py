@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import copy
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from edged.secrets import REDACTED, redact_text, redact_url, register_secret, split_userinfo
 
 # Topic-safe identifier: no MQTT wildcards, no slashes, no spaces.
 IDENT_RE = r"^[A-Za-z0-9_-]{1,64}$"
@@ -48,11 +51,36 @@ class CaptureConfig(_Section):
         "with backpressure. Default: true for cameras, streams and 'demo' (paced in real time), false for files.",
     )
     timeout_s: float = Field(10.0, gt=0.0, le=300.0, description="Open/read timeout of network streams.")
+    # Stream credentials kept out of the URL (and so out of the config file). They take the place of a
+    # user / password written in the URL; the URL with them is built only when the stream is opened.
+    username: Optional[str] = Field(None, description="User name for an rtsp:// or http(s):// source.")
+    password_file: Optional[str] = Field(
+        None, description="File holding only the stream password; $VARIABLES are expanded, so "
+        "$CREDENTIALS_DIRECTORY/camera works with systemd's LoadCredential=.",
+    )
+    password_env: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the stream password."
+    )
 
     @model_validator(mode="after")
     def _backoff_order(self) -> "CaptureConfig":
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "CaptureConfig":
+        if self.password_file and self.password_env:
+            raise ValueError("give password_file or password_env, not both")
+        if not (self.username or self.password_file or self.password_env):
+            return self
+        if not (isinstance(self.source, str) and "://" in self.source):
+            raise ValueError("username, password_file and password_env apply to a network stream source "
+                             "(rtsp://, http(s)://, ...)")
+        if (self.password_file or self.password_env) and not self.username:
+            _, userinfo, _ = split_userinfo(self.source.strip())
+            if not userinfo or not userinfo.partition(":")[0]:
+                raise ValueError("a stream password needs a user: set username (or user@ in source)")
         return self
 
 
@@ -281,6 +309,9 @@ class MqttConfig(_Section):
     username: Optional[str] = None
     password: Optional[str] = Field(None, repr=False)
     password_file: Optional[str] = Field(None, description="File holding the password (preferred).")
+    password_env: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the password."
+    )
     topic_prefix: str = Field("edged", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
     keepalive: int = Field(30, ge=5, le=3600)
     qos_events: Literal[0, 1, 2] = 1
@@ -309,8 +340,8 @@ class MqttConfig(_Section):
 
     @model_validator(mode="after")
     def _secrets(self) -> "MqttConfig":
-        if self.password and self.password_file:
-            raise ValueError("give password or password_file, not both")
+        if sum(1 for v in (self.password, self.password_file, self.password_env) if v) > 1:
+            raise ValueError("give only one of password, password_file, password_env")
         return self
 
 
@@ -469,7 +500,7 @@ def format_errors(exc: ValidationError, root: Optional[yaml.Node] = None) -> Lis
         if kind.startswith("value_error"):
             msg = msg.replace("Value error, ", "")
         value = err.get("input")
-        shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+        shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {redact_text(repr(value))})"
         if "password" in path:
             shown = ""
         problems.append(f"{where}: {msg}{shown}")
@@ -528,11 +559,25 @@ def load_config(path: Union[str, Path, None], overlay: Optional[Dict[str, Any]] 
 
 
 def config_to_dict(cfg: EdgedConfig, *, redact: bool = True) -> Dict[str, Any]:
-    """Plain (YAML/JSON-ready) mapping. Secrets are redacted unless asked otherwise."""
+    """Plain (YAML/JSON-ready) mapping. Secrets are redacted unless asked otherwise: every password field,
+    the credentials of every URL (capture.source: `rtsp://user:***@cam/x`) and every registered secret."""
     data = cfg.model_dump(mode="json")
-    if redact and data["mqtt"].get("password"):
-        data["mqtt"]["password"] = "***"
-    return data
+    return _redacted(data) if redact else data
+
+
+def _is_password_key(key: str) -> bool:
+    # password_file / password_env name where the secret is, they are not secrets themselves.
+    return "password" in key.lower() and not key.lower().endswith(("_file", "_env"))
+
+
+def _redacted(node: Any, key: str = "") -> Any:
+    if isinstance(node, dict):
+        return {k: _redacted(v, str(k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_redacted(v, key) for v in node]
+    if isinstance(node, str) and node:
+        return REDACTED if _is_password_key(key) else redact_url(node) if "://" in node else redact_text(node)
+    return node
 
 
 def changed_paths(old: EdgedConfig, new: EdgedConfig) -> List[str]:
@@ -577,14 +622,43 @@ def resolve_state_dir(cfg: EdgedConfig, config_path: Union[str, Path, None] = No
     return base / p
 
 
-def read_password(cfg: MqttConfig, config_path: Union[str, Path, None] = None) -> Optional[str]:
-    if cfg.password_file:
-        path = resolve_path(cfg.password_file, config_path)
+def read_secret(section: str, password_file: Optional[str], password_env: Optional[str],
+                config_path: Union[str, Path, None] = None) -> Optional[str]:
+    """The password named by `<section>.password_file` or `<section>.password_env` (None when neither is
+    set), registered with edged.secrets so that no log line can show it. Raises ConfigError naming the key."""
+    if password_file:
+        key = f"{section}.password_file"
+        path = resolve_path(os.path.expandvars(password_file), config_path)
         try:
-            return path.read_text(encoding="utf-8").strip("\r\n")
+            secret = path.read_text(encoding="utf-8").strip("\r\n")
         except OSError as exc:
-            raise ConfigError("mqtt.password_file", [f"mqtt.password_file: cannot read {path}: {exc.strerror}"]) from None
-    return cfg.password
+            raise ConfigError(key, [f"{key}: cannot read {path}: {exc.strerror or exc}"]) from None
+        if not secret:
+            raise ConfigError(key, [f"{key}: {path} is empty"])
+    elif password_env:
+        key = f"{section}.password_env"
+        secret = os.environ.get(password_env, "")
+        if not secret:
+            raise ConfigError(key, [f"{key}: environment variable {password_env} is not set or empty"])
+    else:
+        return None
+    register_secret(secret)
+    return secret
+
+
+def read_password(cfg: MqttConfig, config_path: Union[str, Path, None] = None) -> Optional[str]:
+    """The MQTT password: mqtt.password_file, mqtt.password_env or mqtt.password."""
+    secret = read_secret("mqtt", cfg.password_file, cfg.password_env, config_path)
+    if secret is None:
+        secret = cfg.password
+        register_secret(secret)
+    return secret
+
+
+def read_stream_password(cfg: CaptureConfig, config_path: Union[str, Path, None] = None) -> Optional[str]:
+    """The stream password of capture.password_file / capture.password_env, or None (a password written in
+    capture.source is used as it is)."""
+    return read_secret("capture", cfg.password_file, cfg.password_env, config_path)
 
 
 _SOURCE_DEV_RE = re.compile(r"^/dev/video(\d+)$")

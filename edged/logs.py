@@ -5,6 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from types import TracebackType
+from typing import Optional, Type
+
+from edged.secrets import SecretFilter
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 # sd-daemon(3) priority prefixes: journald reads "<N>" at the start of a stderr line as the priority.
@@ -48,5 +53,26 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+    # On the handler, not a logger: records of every library (paho, PIL, ...) pass through it.
+    handler.addFilter(SecretFilter())
     root.addHandler(handler)
     logging.getLogger("PIL").setLevel(logging.WARNING)
+    # Uncaught exceptions are printed by Python itself, bypassing logging and so the redaction: route
+    # them through the same handler.
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
+
+
+def _log_uncaught(kind: Type[BaseException], value: BaseException, tb: Optional[TracebackType]) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("edged").critical("uncaught exception", exc_info=(kind, value, tb))
+
+
+def _log_uncaught_in_thread(args: "threading.ExceptHookArgs") -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("edged").critical("uncaught exception in thread %s", name,
+                                        exc_info=(args.exc_type, args.exc_value, args.exc_traceback))

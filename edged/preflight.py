@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Union
 
 from edged import exitcodes
-from edged.config import ConfigError, EdgedConfig, camera_index, read_password, resolve_path, resolve_state_dir
+from edged.config import ConfigError, EdgedConfig, read_password, resolve_path, resolve_state_dir
 
 ConfigPath = Union[str, Path, None]
 
@@ -113,59 +113,23 @@ def _strip_key(text: str, key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- source
 def _check_source(cfg: EdgedConfig, config_path: ConfigPath) -> List[Problem]:
-    source = cfg.capture.source
-    if isinstance(source, str):
-        source = source.strip()
-    if isinstance(source, str) and source.lower() == "demo":
-        return _check_demo()
-    # A camera may be plugged in later and a stream may come back: only a file can never deliver.
-    if camera_index(source) is not None or "://" in str(source) or str(source).startswith("/dev/"):
-        return _check_source_spec(cfg, config_path)
-    path = resolve_path(str(source), config_path)
-    if "%0" in path.name:  # an image sequence (frames/%06d.jpg): its folder must exist
-        if not path.parent.is_dir():
-            return [Problem("capture.source", f"no such folder: {path.parent} (image sequence {path.name})",
-                            exitcodes.NO_INPUT)]
-        return []
-    if not path.exists():
-        from edged.capture import VIDEO_SUFFIXES, describe_source_kinds
-
-        if path.suffix.lower() in VIDEO_SUFFIXES:
-            return [Problem("capture.source", f"no such video file: {path}", exitcodes.NO_INPUT)]
-        return [Problem("capture.source", f"no such file: {path}; expected {describe_source_kinds()}",
-                        exitcodes.NO_INPUT)]
-    if path.is_dir():
-        return [Problem("capture.source", f"{path} is a folder, expected a video file", exitcodes.NO_INPUT)]
-    if not os.access(path, os.R_OK):
-        return [Problem("capture.source", f"{path}: cannot read the video file (permission denied)",
-                        exitcodes.NO_INPUT)]
-    return []
-
-
-def _check_source_spec(cfg: EdgedConfig, config_path: ConfigPath) -> List[Problem]:
-    """The capture module's own parsing (URL scheme, /dev path) without opening anything."""
-    from edged.capture import SourceSpecError, open_source
+    """The capture module's own verdict (edged.capture.check_source): a video file that is missing or
+    cannot be decoded, or the demo without its photographs, can never deliver; a camera may be plugged in
+    later and a stream may come back, so those are only parsed, not opened."""
+    from edged.capture import SourceSpecError, check_source
 
     try:
-        open_source(cfg.capture, config_path)
+        why = check_source(cfg.capture, config_path)
     except SourceSpecError as exc:
         message = "; ".join(_strip_key(text, "capture.source") for text in exc.problems)
         return [Problem("capture.source", message, exitcodes.CONFIG)]
-    return []
-
-
-def _check_demo() -> List[Problem]:
-    from edged.scene import SPRITES, skimage_data_dir
-
-    try:
-        data = skimage_data_dir()
-    except RuntimeError as exc:
-        return [Problem("capture.source", f"'demo': {exc}", exitcodes.NO_INPUT)]
-    missing = sorted(str(data / s.file) for s in SPRITES.values() if not (data / s.file).is_file())
-    if missing:
-        return [Problem("capture.source", f"'demo': photographs missing from scikit-image: {', '.join(missing)} "
-                        "(broken install? pip install --force-reinstall scikit-image)", exitcodes.NO_INPUT)]
-    return []
+    except ConfigError as exc:
+        return [Problem(exc.source, "; ".join(_strip_key(t, exc.source) for t in exc.problems), exitcodes.CONFIG)]
+    if not why:
+        return []
+    key = "capture.source"
+    message = why[len(key):].lstrip(": ") if why.startswith(key) else why
+    return [Problem(key, message, exitcodes.NO_INPUT)]
 
 
 # ---------------------------------------------------------------------------------------------- state

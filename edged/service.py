@@ -24,10 +24,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, TextIO, Tuple
 
 from edged import __version__, exitcodes
-from edged.config import ConfigError, EdgedConfig, deep_merge, load_config, parse_assignment, read_password
+from edged.config import (
+    ConfigError, EdgedConfig, deep_merge, load_config, parse_assignment, read_password, resolve_state_dir,
+)
 from edged.logs import setup_logging
 from edged.pipeline import Pipeline
 from edged.sdnotify import Notifier, watchdog_interval_s
+from edged.statefiles import ensure_private_dir
 from edged.supervisor import Supervisor
 from edged.types import Detections, Frame, TrackerStep
 
@@ -58,7 +61,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         overlay: Dict[str, Any] = {}
         if args.state_dir:
-            overlay["state_dir"] = args.state_dir
+            # A --state-dir on the command line is relative to where the command runs.
+            overlay["state_dir"] = str(Path(args.state_dir).expanduser().absolute())
+        if args.source is not None:
+            overlay["capture"] = {"source": args.source}
+        if args.no_mqtt:
+            overlay["mqtt"] = {"enabled": False}
         for item in args.set:
             overlay = deep_merge(overlay, parse_assignment(item))
         cfg = load_config(args.config, overlay=overlay or None)
@@ -67,11 +75,17 @@ def run(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return exitcodes.CONFIG
     setup_logging(cfg.logging.level, cfg.logging.format)
+    from edged.preflight import exit_code, preflight
+
+    problems = preflight(cfg, args.config)
+    if problems:
+        for p in problems:
+            log.error("cannot start: %s", p)
+        return exit_code(problems)
     daemon = Daemon(
         cfg,
         config_path=args.config,
-        source_override=args.source,
-        mqtt_enabled=cfg.mqtt.enabled and not args.no_mqtt,
+        mqtt_enabled=cfg.mqtt.enabled,
         mot_out=args.mot_out,
         print_events=args.print_events,
         max_frames=args.max_frames,
@@ -106,20 +120,13 @@ def startup_error(exc: BaseException) -> Optional[StartupError]:
         return StartupError(str(exc), exitcodes.CONFIG)
     if isinstance(exc, OutboxError):
         return StartupError(str(exc), exitcodes.CANT_CREATE)
-    web_bind = _web_bind_error_type()
-    if web_bind is not None and isinstance(exc, web_bind):
+    from edged.web import WebBindError
+
+    if isinstance(exc, WebBindError):
         return StartupError(str(exc), exitcodes.TEMP_FAIL)
     if isinstance(exc, (ValueError, OSError)):
         return StartupError(str(exc), exitcodes.CONFIG)
     return None
-
-
-def _web_bind_error_type() -> Optional[type]:
-    try:
-        from edged.web import WebBindError  # type: ignore[attr-defined]
-    except ImportError:
-        return None
-    return WebBindError
 
 
 # ---------------------------------------------------------------------------------------------- sink
@@ -287,7 +294,9 @@ class Daemon:
         if self.mqtt_enabled:
             from edged.mqtt.client import MqttPublisher
 
-            self.outbox = _open_outbox(cfg, self.state_dir)
+            from edged.mqtt.outbox import Outbox
+
+            self.outbox = Outbox.open_or_recover(self.state_dir / "outbox.sqlite3", cfg.mqtt.outbox)
             self.publisher = MqttPublisher(
                 cfg.mqtt, device_id=cfg.device_id, outbox=self.outbox, topics=self.topics,
                 password=read_password(cfg.mqtt, self.config_path), config_path=self.config_path,
@@ -476,8 +485,7 @@ class Daemon:
                 return exitcodes.STAGE_FAILED  # only reached when fatal_exit returns (in-process tests)
             if pipeline.tracking_done:
                 break  # the file ended (or max_frames): everything is processed
-            failed = self.capture.stats().get("state") == "failed"
-            if failed and pipeline.inference_done:
+            if self.capture.failed and pipeline.inference_done:
                 exit_code = exitcodes.NO_INPUT
                 break
             if wd and self.watchdog_ok():
@@ -550,31 +558,12 @@ class Daemon:
 
 def _state_dir(cfg: EdgedConfig, config_path: Optional[str]) -> Path:
     """The state directory (relative paths follow the config file), created private (0700)."""
+    path = resolve_state_dir(cfg, config_path)
     try:
-        from edged.config import resolve_state_dir  # type: ignore[attr-defined]
-
-        path = resolve_state_dir(cfg, config_path)
-    except ImportError:
-        path = Path(cfg.state_dir).expanduser()
-    try:
-        from edged.seqcounter import ensure_private_dir  # type: ignore[attr-defined]
-
         ensure_private_dir(path)
-    except ImportError:
-        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise StartupError(f"state_dir: cannot create {path}: {exc.strerror or exc}", exitcodes.CANT_CREATE) from None
     return path
-
-
-def _open_outbox(cfg: EdgedConfig, state_dir: Path) -> Any:
-    from edged.mqtt.outbox import Outbox
-
-    path = state_dir / "outbox.sqlite3"
-    opener = getattr(Outbox, "open_or_recover", None)
-    if opener is not None:
-        return opener(path, cfg.mqtt.outbox)
-    return Outbox.from_config(cfg.mqtt.outbox, path)
 
 
 def _iso_now() -> str:

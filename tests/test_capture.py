@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import random
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Optional
 
 import cv2
 import numpy as np
@@ -18,11 +22,12 @@ from edged.capture import (
     DemoSource,
     OpenCvSource,
     SourceSpecError,
+    check_source,
     open_source,
 )
 from edged.config import CaptureConfig
 from edged.scene import Scene, default_scene, write_video
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 
 N_FRAMES = 24
 
@@ -154,32 +159,77 @@ def test_demo_live_is_paced_and_stops_promptly():
     assert not cap.ended.is_set()
 
 
-def test_missing_file_is_retried_with_backoff_until_it_appears(tmp_path: Path, caplog):
-    target = tmp_path / "later.mp4"
-    cfg = CaptureConfig(source=str(target), reconnect_min_s=0.02, reconnect_max_s=0.2)
-    source = open_source(cfg)  # not opened yet: a missing file is not a configuration error
-    cap = CaptureThread(source, cfg, rng=random.Random(0))
-
-    caplog.set_level(logging.WARNING, logger="edged.capture")
+def test_missing_video_file_fails_once_instead_of_reconnecting_forever(tmp_path: Path, caplog):
+    target = tmp_path / "missing.mp4"
+    cfg = CaptureConfig(source=str(target), reconnect_min_s=0.01, reconnect_max_s=0.02)
+    source = open_source(cfg)  # not opened yet: the capture thread finds out
+    assert check_source(cfg) == f"capture.source: video file {target} does not exist"
+    cap = CaptureThread(source, cfg)
+    caplog.set_level(logging.INFO, logger="edged.capture")
     cap.start()
     try:
-        assert cap.wait_for(lambda s: s.reconnects >= 4, timeout=20)
+        assert cap.ended.wait(20)  # consumers waiting for frames are released
+        assert cap.get(timeout=0.01) is None and list(cap) == []
+    finally:
+        assert cap.stop()
+    st = cap.stats_record()
+    assert st.state == "failed" and st.reconnects == 0
+    assert cap.failed == st.last_error == f"capture.source: video file {target} does not exist"
+    # One clear line, no traceback, no retry chatter.
+    records = [r for r in caplog.records if r.name == "edged.capture"]
+    assert [(r.levelno, r.getMessage()) for r in records] == [(logging.ERROR, cap.failed)]
+    assert not any(r.exc_info for r in records)
+
+
+def test_undecodable_video_file_fails_once(tmp_path: Path):
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"this is not a video" * 100)
+    cfg = CaptureConfig(source=str(junk), reconnect_min_s=0.01, reconnect_max_s=0.02)
+    assert "cannot decode video file" in (check_source(cfg) or "")
+    cap = CaptureThread(open_source(cfg), cfg).start()
+    try:
+        assert cap.ended.wait(20)
+    finally:
+        assert cap.stop()
+    assert cap.stats_record().state == "failed" and "cannot decode video file" in (cap.failed or "")
+
+
+def test_check_source_finds_nothing_wrong_with_sources_that_can_deliver(video: Path, tmp_path: Path):
+    assert check_source(CaptureConfig(source=str(video))) is None
+    assert check_source(CaptureConfig(source="demo")) is None  # scikit-image is installed here
+    # Cameras may be plugged in and streams may come back: never hopeless up front.
+    assert check_source(CaptureConfig(source="/dev/video9")) is None
+    assert check_source(CaptureConfig(source=f"rtsp://127.0.0.1:{free_port()}/x")) is None
+    assert check_source(CaptureConfig(), source_override=str(tmp_path / "gone.avi")) == (
+        f"--source: video file {tmp_path / 'gone.avi'} does not exist")
+
+
+def test_unreachable_stream_is_retried_with_growing_jittered_backoff_until_it_comes(caplog):
+    port = free_port()  # the camera is not there yet: connection refused
+    cfg = CaptureConfig(source=f"http://127.0.0.1:{port}/stream.mjpg", reconnect_min_s=0.02,
+                        reconnect_max_s=0.2, timeout_s=5.0)
+    cap = CaptureThread(open_source(cfg), cfg, rng=random.Random(0))
+    caplog.set_level(logging.WARNING, logger="edged.capture")
+    cap.start()
+    server = None
+    try:
+        assert cap.wait_for(lambda s: s.reconnects >= 5, timeout=30)  # the 4th attempt has been logged
         st = cap.stats_record()
-        assert st.state == "reconnecting" and "does not exist" in (st.last_error or "")
-        assert cap.get(timeout=0.05) is None
+        assert st.state == "reconnecting" and cap.failed is None and not cap.ended.is_set()
+        # FFmpeg is silenced (it could print the URL): edged says why itself.
+        assert f"connection to 127.0.0.1:{port} refused" in (st.last_error or "")
         # Each attempt is logged with its number and the growing (jittered, capped) delay.
         delays = [float(r.getMessage().rsplit("retrying in ", 1)[1].split()[0])
                   for r in caplog.records if "retrying in" in r.getMessage()]
         assert len(delays) >= 4
         assert delays[0] <= 0.03 and max(delays) <= 0.2 and delays[3] > delays[0]
-        # The file appears (atomically, as a camera recorder would publish it): frames flow.
-        tmp = write_video(small_spec(n_frames=5), tmp_path / "writing.mp4")
-        os.replace(tmp, target)
-        frames = read_all(cap)
+        server = _start_mjpeg_server(port)  # the camera comes up: frames flow
+        assert cap.get(timeout=30) is not None
+        assert cap.stats_record().state == "ok"
     finally:
         assert cap.stop()
-    assert [f.index for f in frames] == list(range(5))
-    assert cap.stats()["state"] == "ended"
+        if server is not None:
+            _stop_mjpeg_server(server)
 
 
 def test_rtsp_to_a_closed_port_reports_reconnecting_without_crashing():
@@ -264,6 +314,16 @@ class _MjpegHandler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        expected = getattr(self.server, "basic_auth", None)
+        if expected is not None:
+            given = self.headers.get("Authorization", "")
+            self.server.auth_seen.append(given)
+            if given != "Basic " + base64.b64encode(expected.encode()).decode():
+                self.send_response(401)
+                self.send_header("WWW-Authenticate", 'Basic realm="camera"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
         self.send_response(200)
         self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
         self.end_headers()
@@ -279,9 +339,11 @@ class _MjpegHandler(BaseHTTPRequestHandler):
             self.server.halt.wait(0.02)  # ~50 fps camera
 
 
-def _start_mjpeg_server(port: int = 0) -> ThreadingHTTPServer:
+def _start_mjpeg_server(port: int = 0, basic_auth: Optional[str] = None) -> ThreadingHTTPServer:
+    """`basic_auth` "user:password": the camera answers 401 without exactly these credentials."""
     server = ThreadingHTTPServer(("127.0.0.1", port), _MjpegHandler)
     server.daemon_threads = True
+    server.basic_auth, server.auth_seen = basic_auth, []
     server.halt = threading.Event()
     scene = Scene(small_spec(n_frames=8))
     server.jpegs = [cv2.imencode(".jpg", scene.frame(i)[0])[1].tobytes() for i in range(8)]
@@ -318,3 +380,93 @@ def test_http_stream_that_goes_away_mid_stream_is_reopened():
     finally:
         assert cap.stop()
         _stop_mjpeg_server(server)
+
+
+def test_stream_credentials_from_a_file_reach_the_camera_url_encoded_and_are_never_shown(tmp_path: Path, caplog):
+    password = "p@ss:w/rd S3cret"  # characters that must be percent-encoded in a URL
+    secret_file = tmp_path / "camera.pass"
+    secret_file.write_text(password + "\n")
+    server = _start_mjpeg_server(basic_auth=f"ad min:{password}")
+    port = server.server_address[1]
+    cfg = CaptureConfig(source=f"http://127.0.0.1:{port}/stream.mjpg", username="ad min",
+                        password_file=str(secret_file), reconnect_min_s=0.05, reconnect_max_s=0.2, timeout_s=5.0)
+    caplog.set_level(logging.DEBUG)
+    cap = CaptureThread(open_source(cfg), cfg).start()
+    try:
+        assert cap.get(timeout=30) is not None  # the camera accepted the credentials: frames flow
+        st = cap.stats()
+    finally:
+        assert cap.stop()
+        _stop_mjpeg_server(server)
+    assert st["state"] == "ok" and st["source"] == f"url http://ad%20min:***@127.0.0.1:{port}/stream.mjpg"
+    shown = [repr(cap.source), cap.source.description, str(cap.source.target), repr(st)]
+    shown += [r.getMessage() for r in caplog.records]
+    assert not [text for text in shown if "S3cret" in text or "w%2Frd" in text]
+
+
+def test_wrong_stream_password_keeps_retrying_and_says_why_without_the_password(tmp_path: Path, caplog, monkeypatch):
+    server = _start_mjpeg_server(basic_auth="admin:right-one")
+    port = server.server_address[1]
+    monkeypatch.setenv("EDGED_TEST_CAMERA_PASSWORD", "Wr0ngS3cret")
+    cfg = CaptureConfig(source=f"http://admin:Inl1neS3cret@127.0.0.1:{port}/stream.mjpg?token=T0kenS3cret",
+                        password_env="EDGED_TEST_CAMERA_PASSWORD", reconnect_min_s=0.05, reconnect_max_s=0.1,
+                        timeout_s=5.0)
+    caplog.set_level(logging.DEBUG)
+    cap = CaptureThread(open_source(cfg), cfg).start()
+    try:
+        assert cap.wait_for(lambda s: s.reconnects >= 2, timeout=60)
+        st = cap.stats()
+    finally:
+        assert cap.stop()
+        _stop_mjpeg_server(server)
+    # password_env took the place of the password written in the URL, and reached the camera.
+    sent = {base64.b64decode(a.split()[1]).decode() for a in server.auth_seen if a.startswith("Basic ")}
+    assert sent == {"admin:Wr0ngS3cret"}
+    assert st["state"] == "reconnecting" and cap.failed is None
+    assert st["source"] == f"url http://admin:***@127.0.0.1:{port}/stream.mjpg?token=***"
+    assert f"127.0.0.1:{port} answers; check the path, the credentials" in st["last_error"]
+    shown = [repr(st)] + [r.getMessage() for r in caplog.records]
+    assert not [text for text in shown if "S3cret" in text]
+
+
+def test_unreadable_stream_password_is_a_config_error_naming_the_key(tmp_path: Path, monkeypatch):
+    from edged.config import ConfigError
+
+    monkeypatch.delenv("EDGED_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError, match="capture.password_env: environment variable EDGED_TEST_UNSET is not set"):
+        open_source(CaptureConfig(source="rtsp://cam/x", username="u", password_env="EDGED_TEST_UNSET"))
+    with pytest.raises(ConfigError, match=r"capture.password_file: cannot read .*nope.pass"):
+        open_source(CaptureConfig(source="rtsp://cam/x", username="u", password_file=str(tmp_path / "nope.pass")))
+
+
+_WITHOUT_SKIMAGE = """
+import sys
+
+class BlockSkimage:  # as if scikit-image were not installed
+    def find_spec(self, name, path=None, target=None):
+        if name == "skimage" or name.startswith("skimage."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, BlockSkimage())
+from edged.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_demo_without_scikit_image_fails_once_with_how_to_fix_it(tmp_path: Path):
+    """Before: a traceback every second, forever. Now: one line and exit code NO_INPUT."""
+    from edged.exitcodes import NO_INPUT
+
+    cfg = tmp_path / "edged.yaml"
+    cfg.write_text(f"state_dir: {tmp_path / 'state'}\ncapture:\n  source: demo\n  reconnect_min_s: 0.05\n"
+                   "mqtt:\n  enabled: false\nweb:\n  enabled: false\n")
+    r = subprocess.run([sys.executable, "-c", _WITHOUT_SKIMAGE, "run", "--config", str(cfg)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    message = "capture.source 'demo' needs scikit-image: pip install 'edged[demo]'"
+    assert r.returncode == NO_INPUT, r.stderr[-3000:]
+    assert r.stderr.count(message) == 1, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and errors[0].endswith(message)
+    assert "Traceback" not in r.stderr and "retrying" not in r.stderr

@@ -163,7 +163,7 @@ def test_check_config_names_every_problem_run_would_refuse(tmp_path):
 def test_check_config_exit_code_of_a_missing_video_alone(tmp_path):
     r = _check_config(_config(tmp_path, capture={"source": "gone.mp4"}))
     assert r.returncode == exitcodes.NO_INPUT
-    assert f"capture.source: no such video file: {tmp_path / 'gone.mp4'}" in r.stderr
+    assert f"capture.source: video file {tmp_path / 'gone.mp4'} does not exist" in r.stderr
 
 
 def test_check_config_hides_a_camera_password(tmp_path):

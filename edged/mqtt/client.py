@@ -387,8 +387,9 @@ class MqttPublisher:
     def _handle_ack(self, mid: int, rc: Any, acked: list) -> None:
         with self._stats_lock:
             entry = self._inflight.pop(mid, None)
-        self._sent_at.pop(mid, None)
-        self._last_ack_at = time.monotonic()
+        if self._sent_at.pop(mid, None) is not None:
+            # Only a PUBACK/PUBCOMP proves the broker hears us (QoS 0 "acks" mean: written to the socket).
+            self._last_ack_at = time.monotonic()
         if entry is None:
             return
         row_id, topic = entry
@@ -440,6 +441,7 @@ class MqttPublisher:
         # so `connected`/wait_connected() imply a fresh subscriber sees the retained `online`.
         info = self._client.publish(self.topics.availability, ONLINE, qos=1, retain=True)
         self._online_mid = info.mid
+        self._sent_at[info.mid] = time.monotonic()
         with self._stats_lock:
             self._inflight[info.mid] = (None, self.topics.availability)
         log.debug("mqtt: connected to %s:%d, publishing online", self.cfg.host, self.cfg.port)
