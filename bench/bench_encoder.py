@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import pickle
 import struct
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -63,7 +62,6 @@ def occlusion_from_boxes(boxes: np.ndarray) -> np.ndarray:
     out = np.zeros(n)
     for i in range(n):
         x1, y1, x2, y2 = boxes[i]
-        area = max((x2 - x1) * (y2 - y1), 1e-6)
         nearer = boxes[boxes[:, 3] > y2]
         if not len(nearer):
             continue
@@ -236,7 +234,8 @@ def load_legacy_torch(path):
             storages.setdefault(key, [stype.dtype, size, None])
             return key
     with open(path, "rb") as f:
-        magic = pickle.load(f); proto = pickle.load(f); info = pickle.load(f)
+        for _header in range(3):  # magic number, protocol version, system info
+            pickle.load(f)
         obj = U(f).load()
         keys = pickle.load(f)
         for key in keys:

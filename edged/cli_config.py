@@ -5,12 +5,12 @@ with the code `edged run` would exit with (edged.exitcodes)."""
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 
 from edged import exitcodes
 from edged.config import ConfigError, load_config
 from edged.preflight import exit_code, preflight
+from edged.secrets import redact_url
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,10 +31,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return exit_code(problems)
     if not args.quiet:
-        print(f"{args.file}: OK (device_id={cfg.device_id}, source={_without_password(cfg.capture.source)!r})")
+        source = redact_url(cfg.capture.source) if isinstance(cfg.capture.source, str) else cfg.capture.source
+        print(f"{args.file}: OK (device_id={cfg.device_id}, source={source!r})")
     return 0
-
-
-def _without_password(source: object) -> object:
-    """rtsp://user:secret@cam/x -> rtsp://user:***@cam/x: the OK line may end up in a log."""
-    return re.sub(r"(://[^/@:]*:)[^/@]*@", r"\1***@", source) if isinstance(source, str) else source

@@ -548,7 +548,8 @@ class Daemon:
 
         self.web = DebugServer(self.cfg.web, self, config_path=self.config_path)
         try:
-            self.web.start(spawn=lambda name, body: self.supervisor.spawn(name, body, stop=self._service_stop))
+            self.web.start(spawn=lambda name, body: self.supervisor.spawn(name, body, stop=self._service_stop,
+                                                                          critical=False))
         except Exception as exc:
             err = startup_error(exc)
             if err is None:

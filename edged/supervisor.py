@@ -54,20 +54,22 @@ class Supervisor:
         self._lock = threading.Lock()
         self._fatal_sent = False
 
-    def spawn(self, name: str, body: Callable[[], None], stop: Optional[threading.Event] = None) -> threading.Thread:
+    def spawn(self, name: str, body: Callable[[], None], stop: Optional[threading.Event] = None,
+              critical: bool = True) -> threading.Thread:
         """Run `body()` in a daemon thread named edged-<name>, restarting it when it raises. A body
         that returns has finished (end of stream, or it saw the stop event). `stop` (default: the
-        supervisor's) ends the restarts and interrupts a backoff wait."""
+        supervisor's) ends the restarts and interrupts a backoff wait. A stage that is not `critical`
+        (the debug web server) is left failed when it keeps failing, instead of ending the daemon."""
         with self._lock:
             if name in self._stages and self._stages[name].state in ("starting", "running", "backoff"):
                 raise RuntimeError(f"stage {name!r} is already running")
             rec = self._stages[name] = StageRecord(name)
-        t = threading.Thread(target=self._run, args=(rec, body, stop or self.stop), name=f"edged-{name}", daemon=True)
+        t = threading.Thread(target=self._run, args=(rec, body, stop or self.stop, critical), name=f"edged-{name}", daemon=True)
         rec.thread = t
         t.start()
         return t
 
-    def _run(self, rec: StageRecord, body: Callable[[], None], stop: threading.Event) -> None:
+    def _run(self, rec: StageRecord, body: Callable[[], None], stop: threading.Event, critical: bool) -> None:
         delay = self.backoff_min_s
         while True:
             rec.state, rec.started_at = "running", time.monotonic()
@@ -87,9 +89,11 @@ class Supervisor:
                     give_up = len(rec.recent) > self.max_restarts
                 if give_up:
                     rec.state = "failed"
-                    log.critical("stage %s failed %d times within %.0f s, giving up: %s",
-                                 rec.name, len(rec.recent), self.window_s, rec.last_error, exc_info=exc)
-                    self._fatal(rec.name, exc)
+                    log.critical("stage %s failed %d times within %.0f s, giving up%s: %s", rec.name,
+                                 len(rec.recent), self.window_s, "" if critical else " (the daemon goes on without it)",
+                                 rec.last_error, exc_info=exc)
+                    if critical:
+                        self._fatal(rec.name, exc)
                     return
                 # A stage that ran fine for a while starts its backoff over.
                 if now - rec.started_at > 2 * self.backoff_max_s:

@@ -16,6 +16,7 @@ import uuid
 from typing import Any, List, Optional
 
 from edged.config import ConfigError, load_config, read_password
+from edged.mqtt.topics import subscription
 
 BRIEF_FIELDS = ("seq", "type", "track_id", "class", "reason", "zone", "line", "direction")
 EXIT_UNREACHABLE = 1  # the broker refused us, or did not answer within --timeout
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_SETUP
     host, port = args.host or m.host, args.port or m.port
     where = f"{host}:{port}"
-    topic = f"{m.topic_prefix}/{args.device or cfg.device_id}/{args.topics}"
+    topic = subscription(m.topic_prefix, args.device or cfg.device_id, args.topics)
     subscribed = threading.Event()
     done = threading.Event()  # --count reached, or refused by the broker
     settled = threading.Event()  # subscribed or done: what --timeout waits for

@@ -339,7 +339,7 @@ def test_unwritable_state_dir_is_an_outbox_error_not_a_recovery(tmp_path):
             except OutboxError as exc:
                 print("OutboxError:", exc)
     """)
-    script = f'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -c "$3"'
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && exec "$2" -c "$3"'
     proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                            str(state), sys.executable, code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr

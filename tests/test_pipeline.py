@@ -15,6 +15,7 @@ from edged.events import EventEngine
 from edged.pipeline import CommandQueue, Pipeline
 from edged.tracking.tracker import Tracker
 from edged.types import Detections, Frame
+from tests.conftest import need_module
 
 
 COCO = ["person"] + [f"c{i}" for i in range(1, 80)]
@@ -65,7 +66,7 @@ class ListSource:
 
 @pytest.fixture(scope="module")
 def scene_frames():
-    pytest.importorskip("skimage")  # TODO need_module after the cli merge
+    need_module("skimage")
     from edged.scene import Scene, default_scene
 
     scene = Scene(default_scene(n_frames=120))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, need_module
 from tests.mqttutil import Collector
 from tests.netutil import ProcessOutput, StallingProxy
 
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_video(tmp_path_factory):
-    pytest.importorskip("skimage")  # TODO need_module after the cli merge
+    need_module("skimage")
     from edged import scene
 
     d = tmp_path_factory.mktemp("scene")

@@ -1,6 +1,6 @@
 """DeepSORT tracker behaviour: lifecycle, cascade, gating, classes, no-feature mode, bookkeeping."""
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -185,7 +185,7 @@ def test_degenerate_and_low_score_boxes_start_no_tracks():
 
 
 def check_bookkeeping(steps, tracker) -> Dict[str, int]:
-    confirmed_once, deleted, next_min = set(), set(), 1
+    confirmed_once, deleted, _next_min = set(), set(), 1
     for step in steps:
         for i in step.confirmed:
             assert i not in confirmed_once, f"id {i} confirmed twice"

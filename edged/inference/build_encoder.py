@@ -109,7 +109,7 @@ def build_backbone(cfg: Path, weights: Path, *, upto_layer: int, height: int, wi
             x = tf.keras.layers.MaxPool2D(size, stride, padding="valid")(x)
         else:
             raise BuildError(f"{cfg}: layer {layer.index} is [{layer.kind}], only convolutional/maxpool are supported")
-    fh, fw, fc = x.shape[1], x.shape[2], x.shape[3]
+    fh, fw, _fc = x.shape[1], x.shape[2], x.shape[3]
     if fh % stripes:
         raise BuildError(f"feature map height {fh} is not divisible by {stripes} stripes")
     # Output (N, stripes, 1, C); AppearanceEncoder flattens it. No Reshape op: the converter freezes a

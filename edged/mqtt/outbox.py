@@ -461,13 +461,6 @@ class Outbox:
     def depth(self) -> int:
         return self._rows
 
-    def oldest_created(self) -> Optional[float]:
-        """`created` of the oldest queued row (epoch seconds), None when empty."""
-        with self._lock:
-            self._ensure_open()
-            row = self._db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
-        return None if row is None else float(row[0])
-
     def bytes(self) -> int:
         return self._bytes
 

@@ -89,6 +89,13 @@ class Topics:
         return f"Topics({self.prefix!r}, {self.device_id!r}{', ' + repr(self.site) if self.site else ''})"
 
 
+def subscription(prefix: str, device: str = "+", sub: str = "#", site: Optional[str] = None) -> str:
+    """A subscription filter over the same layout as `Topics` (device and site may be the wildcard
+    `+`), e.g. `subscription("edged", "+", "events")` == "edged/+/events"."""
+    parts = [prefix] + ([site] if site else []) + [device, sub.strip("/") or "#"]
+    return "/".join(parts)
+
+
 @dataclass(frozen=True)
 class Route:
     """Where and how one record is published (and how the outbox treats it)."""
