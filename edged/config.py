@@ -27,7 +27,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    # NaN / infinity are never a meaningful setting (and slip through `gt=0` bounds): refuse them.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- capture
@@ -407,6 +408,31 @@ class SupervisorConfig(_Section):
         return self
 
 
+class RemoteConfigConfig(_Section):
+    enabled: bool = Field(
+        True, description="Follow <prefix>/<device>/config/desired (and the fleet topic): operators change "
+        "this config over MQTT; each change is validated, applied live, persisted in state_dir, reported.",
+    )
+    follow_fleet: bool = Field(True, description="Also follow <prefix>/fleet/config/desired (the device topic wins).")
+    max_payload_bytes: int = Field(65536, ge=1024, le=1048576, description="Larger desired messages are rejected.")
+    hmac_secret_file: Optional[str] = Field(
+        None, description="File holding a shared secret: desired messages must then be signed (HMAC-SHA256, "
+        "see docs/remote-config.md); unsigned or tampered ones are rejected.",
+    )
+    hmac_secret_env: Optional[str] = Field(None, description="...or the environment variable holding it.")
+    health_timeout_s: float = Field(
+        15.0, gt=0.0, le=600.0,
+        description="After a change, frames must flow again within this time, or the previous config is "
+        "restored and the change reported `failed`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> "RemoteConfigConfig":
+        if self.hmac_secret_file and self.hmac_secret_env:
+            raise ValueError("give hmac_secret_file or hmac_secret_env, not both")
+        return self
+
+
 class EdgedConfig(_Section):
     device_id: str = Field("edged", pattern=IDENT_RE, description="Unique per device; part of every topic.")
     state_dir: str = Field("state", description="Outbox, remote config and track ids live here.")
@@ -419,6 +445,7 @@ class EdgedConfig(_Section):
     web: WebConfig = WebConfig()
     logging: LoggingConfig = LoggingConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
+    remote_config: RemoteConfigConfig = RemoteConfigConfig()
 
     def effective_client_id(self) -> str:
         return self.mqtt.client_id or f"edged-{self.device_id}"
@@ -623,11 +650,11 @@ def resolve_state_dir(cfg: EdgedConfig, config_path: Union[str, Path, None] = No
 
 
 def read_secret(section: str, password_file: Optional[str], password_env: Optional[str],
-                config_path: Union[str, Path, None] = None) -> Optional[str]:
-    """The password named by `<section>.password_file` or `<section>.password_env` (None when neither is
-    set), registered with edged.secrets so that no log line can show it. Raises ConfigError naming the key."""
+                config_path: Union[str, Path, None] = None, *, name: str = "password") -> Optional[str]:
+    """The secret named by `<section>.<name>_file` or `<section>.<name>_env` (None when neither is set),
+    registered with edged.secrets so that no log line can show it. Raises ConfigError naming the key."""
     if password_file:
-        key = f"{section}.password_file"
+        key = f"{section}.{name}_file"
         path = resolve_path(os.path.expandvars(password_file), config_path)
         try:
             secret = path.read_text(encoding="utf-8").strip("\r\n")
@@ -636,7 +663,7 @@ def read_secret(section: str, password_file: Optional[str], password_env: Option
         if not secret:
             raise ConfigError(key, [f"{key}: {path} is empty"])
     elif password_env:
-        key = f"{section}.password_env"
+        key = f"{section}.{name}_env"
         secret = os.environ.get(password_env, "")
         if not secret:
             raise ConfigError(key, [f"{key}: environment variable {password_env} is not set or empty"])

@@ -155,6 +155,7 @@ class PipelineCounters:
     frames_in: int = 0  # frames taken from the source
     frames_processed: int = 0  # frames through the tracking stage
     events: int = 0  # event records the sink took
+    detections: int = 0  # detections handed to the tracker
     last_frame_at: float = 0.0  # monotonic time the last frame left the tracking stage (0 = none yet)
     stage_ms: Dict[str, float] = field(default_factory=dict)  # exponential moving averages
 
@@ -219,6 +220,7 @@ class Pipeline:
         dets.frame_size = frame.size
         t1 = self._clock()
         self.counters.add_time("detect", (t1 - t0) * 1e3)
+        self.counters.detections += len(dets)
         if self.encoder is not None and len(dets):
             dets.features = self.encoder.encode(frame.image, dets.boxes)
             self.counters.add_time("encode", (self._clock() - t1) * 1e3)

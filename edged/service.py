@@ -69,19 +69,28 @@ def run(args: argparse.Namespace) -> int:
             overlay["mqtt"] = {"enabled": False}
         for item in args.set:
             overlay = deep_merge(overlay, parse_assignment(item))
-        cfg = load_config(args.config, overlay=overlay or None)
+        base_cfg = load_config(args.config, overlay=overlay or None)
     except ConfigError as exc:
         setup_logging()
         log.error("%s", exc)
         return exitcodes.CONFIG
-    setup_logging(cfg.logging.level, cfg.logging.format)
+    setup_logging(base_cfg.logging.level, base_cfg.logging.format)
     from edged.preflight import exit_code, preflight
 
+    cfg, store, remote_problem = effective_at_start(base_cfg, args.config, overlay)
     problems = preflight(cfg, args.config)
+    if problems and cfg is not base_cfg and not preflight(base_cfg, args.config):
+        # What the remote overlay names cannot be used any more (a model file removed...): start on the
+        # config file rather than not at all, and say so in the log and in config/reported.
+        remote_problem = "remote overlay not used at start: " + "; ".join(str(p) for p in problems)
+        log.error("%s", remote_problem)
+        cfg, problems = base_cfg, []
     if problems:
         for p in problems:
             log.error("cannot start: %s", p)
         return exit_code(problems)
+    if cfg.logging != base_cfg.logging:
+        setup_logging(cfg.logging.level, cfg.logging.format)
     daemon = Daemon(
         cfg,
         config_path=args.config,
@@ -89,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
         mot_out=args.mot_out,
         print_events=args.print_events,
         max_frames=args.max_frames,
+        base_overlay=overlay,
+        remote_store=store,
+        remote_problem=remote_problem,
     )
     stop = daemon.stop_event
 
@@ -103,6 +115,30 @@ def run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return exc.exit_code
+
+
+def effective_at_start(base_cfg: EdgedConfig, config_path: Optional[str], base_overlay: Dict[str, Any]
+                       ) -> Tuple[EdgedConfig, Optional[Any], Optional[str]]:
+    """The config to start on: the file (+ command line) with the remote overlay persisted in state_dir.
+    An overlay that no longer validates (the file changed under it) is left out, never fatal."""
+    from edged.remote_config import OVERLAY_FILE, OverlayStore, effective_config
+
+    path = resolve_state_dir(base_cfg, config_path) / OVERLAY_FILE
+    try:
+        store = OverlayStore.load(path)
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return base_cfg, OverlayStore(path), f"remote overlay unreadable: {'; '.join(exc.problems)}"
+    if not store.combined():
+        return base_cfg, store, None
+    try:
+        cfg = effective_config(config_path, base_overlay, store)
+    except ConfigError as exc:
+        problem = "remote overlay not used at start, it no longer validates: " + "; ".join(exc.problems)
+        log.error("%s", problem)
+        return base_cfg, store, problem
+    log.info("remote overlay applied at start: versions %s", store.versions)
+    return cfg, store, None
 
 
 def startup_error(exc: BaseException) -> Optional[StartupError]:
@@ -218,8 +254,16 @@ class Daemon:
         max_frames: int = 0,
         on_event: Optional[Callable[[dict], None]] = None,
         fatal_exit: Callable[[int], None] = os._exit,
+        base_overlay: Optional[Dict[str, Any]] = None,
+        remote_store: Optional[Any] = None,
+        remote_problem: Optional[str] = None,
     ):
         self.cfg = cfg
+        self.base_overlay = base_overlay or {}
+        self._remote_store = remote_store
+        self._remote_problem = remote_problem
+        self.remote = None  # RemoteConfigStage when remote configuration is on
+        self._frame_tick = threading.Condition()
         self.config_path = config_path
         self.source_override = source_override
         self.mqtt_enabled = mqtt_enabled
@@ -301,7 +345,7 @@ class Daemon:
                 cfg.mqtt, device_id=cfg.device_id, outbox=self.outbox, topics=self.topics,
                 password=read_password(cfg.mqtt, self.config_path), config_path=self.config_path,
             )
-        observers = []
+        observers: list = [self._tick]
         self.mot_fh = open(self.mot_out, "w") if self.mot_out else None
         if self.mot_fh is not None:
             observers.append(MotWriter(self.mot_fh))
@@ -324,6 +368,29 @@ class Daemon:
             tracker=self.tracker, make_engine=make_engine, sink=self.sink, source_fps=source_fps,
             observers=observers, max_frames=self.max_frames,
         )
+        if self.publisher is not None and cfg.remote_config.enabled:
+            self._build_remote_config()
+
+    def _tick(self, _frame: Frame, _step: TrackerStep, _dets: Detections) -> None:
+        with self._frame_tick:
+            self._frame_tick.notify_all()
+
+    def _build_remote_config(self) -> None:
+        from edged.remote_config import (
+            OVERLAY_FILE, OverlayStore, RemoteConfigManager, RemoteConfigStage, read_hmac_secret,
+        )
+
+        store = self._remote_store or OverlayStore(self.state_dir / OVERLAY_FILE)
+        manager = RemoteConfigManager(
+            config_path=self.config_path, base_overlay=self.base_overlay, store=store, current=self.cfg,
+            apply=self.apply_config, health=self.health_after_change,
+            secret=read_hmac_secret(self.cfg, self.config_path),
+        )
+        self.remote = RemoteConfigStage(manager, self._publish_outcome)
+        self.publisher.subscribe(self.topics.config_desired, lambda _t, payload, _r: self.remote.offer("device", payload))
+        if self.cfg.remote_config.follow_fleet:
+            self.publisher.subscribe(self.topics.fleet_config_desired,
+                                     lambda _t, payload, _r: self.remote.offer("fleet", payload))
 
     # ------------------------------------------------------------------------------------ debug view
     @property
@@ -408,6 +475,7 @@ class Daemon:
             "dropped_frames": int(cap.get("dropped", 0) or 0),
             "frames_processed": processed,
             "events": counters.events if counters else 0,
+            "detections": counters.detections if counters else 0,
             "capture": cap,
             "stage_ms": {k: round(v, 2) for k, v in (counters.stage_ms.items() if counters else ())},
             "stages": self.supervisor.stats(),
@@ -418,6 +486,10 @@ class Daemon:
         if self.publisher is not None:
             out["mqtt"] = self.publisher.stats()
             out["outbox_oldest_age_s"] = out["mqtt"].get("oldest_undelivered_age_s")
+        if self.remote is not None:
+            m = self.remote.manager
+            out["remote_config"] = {"applied": m.store.versions, "effective_hash": m.effective_hash,
+                                    **m.counts, "dropped": self.remote.dropped}
         recovered = getattr(self.outbox, "recovered", None)
         if recovered:
             out["outbox_recovered"] = recovered
@@ -433,6 +505,170 @@ class Daemon:
             self._stats_errors += 1
             if self._stats_errors == 1 or self._stats_errors % 20 == 0:
                 log.warning("stats not queued (%d times): %s", self._stats_errors, exc)
+
+    # ------------------------------------------------------------------------------------ remote config
+    LIVE_DETECTOR_KEYS = ("detector.score_threshold", "detector.nms_iou", "detector.classes", "detector.max_detections")
+    REBUILD_DETECTOR_KEYS = ("detector.model", "detector.input_size", "detector.threads", "detector.delegate",
+                             "detector.edgetpu_device")
+    REBUILD_ENCODER_KEYS = ("encoder.model", "encoder.threads", "encoder.delegate", "encoder.edgetpu_device",
+                            "encoder.batch_size")
+
+    def apply_config(self, old: EdgedConfig, new: EdgedConfig, changed: List[str]) -> None:
+        """Bring the running parts from `old` to `new` (the key paths in `changed` differ). Parts that
+        need rebuilding (a model, the source) are built here first, off the stage threads; then each
+        stage swaps or reconfigures its own parts between two frames. Raises when a part refuses."""
+        from edged.remote_config import _under
+
+        def touched(*prefixes: str) -> bool:
+            return any(_under(c, prefixes) for c in changed)
+
+        p = self.pipeline
+        assert p is not None
+        # 1. Build, off the stage threads (model loading and opening a source take time).
+        new_model = None
+        if touched(*self.REBUILD_DETECTOR_KEYS):
+            from edged.inference.yolo import YoloDetector
+
+            new_model = YoloDetector.from_config(new.detector, self.config_path)
+            if list(new_model.class_names) != list(self.detector.class_names):
+                raise ValueError("detector.model: the new model has other classes than the running one; "
+                                 "set it in the config file and restart edged")
+        encoder_wanted = new.encoder.enabled and new.tracker.use_appearance
+        new_encoder = self.encoder if encoder_wanted else None
+        if encoder_wanted and (self.encoder is None or touched(*self.REBUILD_ENCODER_KEYS)):
+            from edged.inference.encoder import AppearanceEncoder
+
+            new_encoder = AppearanceEncoder.from_config(new.encoder, self.config_path)
+        new_capture = new_source = None
+        if any(_under(c, ("capture",)) and c != "capture.name" for c in changed):
+            from edged.capture import CaptureThread, open_source
+
+            new_source = open_source(new.capture, self.config_path)
+            problem = new_source.check()
+            if problem:
+                raise ValueError(problem)
+            new_capture = CaptureThread(new_source, new.capture)
+        suggestion = getattr(new_encoder, "suggested_max_cosine_distance", None)
+        tracker_cfg = new.tracker.resolved(suggestion)
+
+        # 2. The inference stage's parts.
+        def on_inference() -> None:
+            if new_model is not None:
+                new_model.configure(new.detector)
+                self.detector, p.detector = new_model, FullFrameDetector(new_model)
+            elif touched(*self.LIVE_DETECTOR_KEYS):
+                self.detector.configure(new.detector)
+            self.encoder = p.encoder = new_encoder
+            if new_capture is not None:
+                old_capture = self.capture
+                old_capture.stop()
+                new_capture.start()
+                self.capture, self.source = new_capture, new_source
+                p.source = CaptureFeed(new_capture)
+
+        # 3. The tracking stage's parts.
+        def on_tracking() -> None:
+            if touched("tracker", "encoder") or tracker_cfg != self.tracker.cfg:
+                self.tracker.set_config(tracker_cfg)
+            if touched("mqtt.qos_events", "mqtt.qos_tracks"):
+                from edged.mqtt.topics import Router
+
+                self.router = self.sink.router = Router(self.topics, qos_events=new.mqtt.qos_events,
+                                                        qos_tracks=new.mqtt.qos_tracks)
+            engine = p.engine
+            if engine is not None:
+                if touched("capture.name"):
+                    engine.set_camera(new.capture.name)
+                if touched("detector.classes"):
+                    engine.set_track_classes(list(new.detector.classes))
+                if touched("events"):
+                    p.deliver(engine.set_config(new.events))
+
+        self._run_on_stage(p.inference_commands, "inference", on_inference, p.inference_done)
+        self._run_on_stage(p.tracking_commands, "tracking", on_tracking, p.tracking_done)
+        # 4. Parts with their own threads and locks.
+        if touched("web") and self.web is not None:
+            self.web.reconfigure(new.web)
+        elif touched("web") and new.web.enabled:
+            self.cfg = new
+            self._start_web()
+        if touched("logging.level"):
+            from edged.logs import set_level
+
+            set_level(new.logging.level)
+        if touched("supervisor"):
+            sv = new.supervisor
+            self.supervisor.max_restarts, self.supervisor.window_s = sv.max_restarts, sv.restart_window_s
+            self.supervisor.backoff_min_s, self.supervisor.backoff_max_s = sv.backoff_min_s, sv.backoff_max_s
+        self.cfg = new
+        if new.mqtt.homeassistant.enabled and touched("mqtt.homeassistant", "events.zones", "detector.classes"):
+            self._queue_discovery()
+
+    def _run_on_stage(self, commands: Any, stage: str, fn: Callable[[], None], loop_ended: bool,
+                      timeout: float = 30.0) -> None:
+        """Run `fn` on the stage's thread between frames and wait for it; directly when the stage loop has
+        ended (nothing else touches its parts then)."""
+        if loop_ended or not self.supervisor.alive(stage):
+            fn()
+            return
+        cmd = commands.submit(f"config:{stage}", fn)
+        if not cmd.wait(timeout):
+            raise TimeoutError(f"the {stage} stage did not take the change within {timeout:.0f} s")
+        cmd.result()
+
+    def health_after_change(self, timeout: float) -> Optional[str]:
+        """None when frames flow (two more processed within `timeout`), else why not. timeout 0: is the
+        pipeline healthy right now."""
+        p = self.pipeline
+        if p is None or p.tracking_done or p.inference_done:
+            return None  # the stream has ended: nothing left to judge
+        if timeout <= 0:
+            ok, why = self._frames_flowing()
+            return None if ok else why
+        start = p.counters.frames_processed
+        deadline = time.monotonic() + timeout
+        with self._frame_tick:
+            while p.counters.frames_processed < start + 2:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.stop_event.is_set():
+                    state = self.capture.stats() if self.capture is not None else {}
+                    return (f"no frame processed within {timeout:.0f} s (source {state.get('state')}: "
+                            f"{state.get('last_error') or 'no error'})")
+                self._frame_tick.wait(min(left, 0.5))
+        return None
+
+    def _publish_outcome(self, outcome: Any) -> None:
+        assert self.remote is not None
+        manager = self.remote.manager
+        report = outcome.report(manager.effective_hash, manager.store.versions)
+        r = self.router.config_reported
+        rows = [(r.topic, _json(report), r.qos, r.retain, r.kind, r.coalesce_key)]
+        if outcome.status == "applied":
+            rows.append(self._effective_row())
+        self.outbox.put_many(rows)
+
+    def _effective_row(self) -> tuple:
+        from edged.config import config_to_dict
+        from edged.remote_config import config_hash
+
+        body = config_to_dict(self.cfg)
+        body["effective_hash"] = config_hash(self.cfg)
+        r = self.router.config_effective
+        return (r.topic, _json(body), r.qos, r.retain, r.kind, r.coalesce_key)
+
+    def _publish_remote_start(self) -> None:
+        """At start: the effective config (retained, for dashboards), and a `failed` report when the
+        persisted overlay could not be used."""
+        rows = [self._effective_row()]
+        if self._remote_problem and self.remote is not None:
+            from edged.remote_config import Outcome
+
+            outcome = Outcome("failed", "device", None, [self._remote_problem])
+            manager = self.remote.manager
+            r = self.router.config_reported
+            rows.append((r.topic, _json(outcome.report(manager.effective_hash, manager.store.versions)),
+                         r.qos, r.retain, r.kind, r.coalesce_key))
+        self.outbox.put_many(rows)
 
     # ------------------------------------------------------------------------------------ failure
     def _on_fatal(self, stage: str, exc: BaseException) -> None:
@@ -463,6 +699,8 @@ class Daemon:
         if self.publisher is not None:
             if self.cfg.mqtt.homeassistant.enabled:
                 self._queue_discovery()
+            if self.remote is not None:
+                self._publish_remote_start()
             self.publisher.start(spawn=lambda name, body: self.supervisor.spawn(name, body, stop=self._service_stop))
         if self.cfg.web.enabled:
             self._start_web()
@@ -470,6 +708,9 @@ class Daemon:
         self._run_started = time.monotonic()
         self.supervisor.spawn("tracking", lambda: pipeline.run_tracking(stop))
         self.supervisor.spawn("inference", lambda: pipeline.run_inference(stop))
+        if self.remote is not None:
+            remote = self.remote
+            self.supervisor.spawn("remote-config", lambda: remote.run(self._service_stop), stop=self._service_stop)
         source = self.source_text()
         notifier.ready(f"running on {source}")
         log.info("edged %s running: device=%s source=%s mqtt=%s", __version__, self.cfg.device_id, source,

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any, List, Optional
 
-from edged.config import ConfigError, load_config, read_password
+from edged.config import ConfigError, load_config
 from edged.mqtt.topics import subscription
 
 BRIEF_FIELDS = ("seq", "type", "track_id", "class", "reason", "zone", "line", "direction")
@@ -57,22 +57,15 @@ def shorten(payload: bytes) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
     try:
         cfg = load_config(args.config)
         m = cfg.mqtt
-        password = read_password(m, args.config) if m.username else None
-        tls_context = None
-        if m.tls.enabled:
-            # The daemon's own TLS set-up: same file resolution (next to the config) and clear errors.
-            from edged.mqtt.client import MqttSetupError, build_tls_context
+        from edged.mqtt.client import MqttSetupError, tool_client
 
-            try:
-                tls_context = build_tls_context(m, args.config)
-            except MqttSetupError as exc:
-                raise ConfigError(args.config or "<defaults>", [str(exc)]) from None
+        try:
+            client = tool_client(m, args.config)
+        except MqttSetupError as exc:
+            raise ConfigError(args.config or "<defaults>", [str(exc)]) from None
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_SETUP
@@ -83,14 +76,7 @@ def run(args: argparse.Namespace) -> int:
     done = threading.Event()  # --count reached, or refused by the broker
     settled = threading.Event()  # subscribed or done: what --timeout waits for
     state: dict = {"code": 0, "seen": 0, "noted": False, "lost": False}
-
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     client.reconnect_delay_set(int(RETRY_MIN_S), int(RETRY_MAX_S))
-    if m.username:
-        client.username_pw_set(m.username, password)
-    if tls_context is not None:
-        client.tls_set_context(tls_context)
-        client.tls_insecure_set(not m.tls.verify_hostname)
     if args.clear_retained:
         marker = f"{m.topic_prefix}/_watch/{uuid.uuid4().hex}"
         return _clear_retained(client, host, port, topic, marker, args.timeout or 30.0)

@@ -114,6 +114,7 @@ class MqttPublisher:
         self._online_mid: Optional[int] = None
         self._stopped = threading.Event()
         self._started = False
+        self._subscriptions: Dict[str, int] = {}  # topic filter -> QoS, subscribed at every connect
         self._stop_at: Optional[float] = None
         self._drain_on_stop = True
         self._stop_reserve = 1.0
@@ -216,6 +217,14 @@ class MqttPublisher:
         else:
             self._stopped.wait(timeout + 5.0)
         self.outbox.remove_listener(self._wake.set)
+
+    def subscribe(self, topic: str, on_message: Callable[[str, bytes, bool], None], qos: int = 1) -> None:
+        """Follow `topic` (re-subscribed at every connect). `on_message(topic, payload, retained)` runs in
+        paho's network thread under its locks: it must only hand the message on (e.g. put it in a queue)."""
+        self._subscriptions[topic] = qos
+        self._client.message_callback_add(topic, lambda _c, _u, msg: on_message(msg.topic, msg.payload, bool(msg.retain)))
+        if self._session_up:
+            self._client.subscribe(topic, qos=qos)
 
     @property
     def connected(self) -> bool:
@@ -444,6 +453,8 @@ class MqttPublisher:
         self._sent_at[info.mid] = time.monotonic()
         with self._stats_lock:
             self._inflight[info.mid] = (None, self.topics.availability)
+        for topic, qos in list(self._subscriptions.items()):
+            self._client.subscribe(topic, qos=qos)
         log.debug("mqtt: connected to %s:%d, publishing online", self.cfg.host, self.cfg.port)
 
     def _handle_disconnect(self, rc: Any) -> None:
@@ -519,3 +530,17 @@ class MqttPublisher:
             self._on_status(event, info)
         except Exception:
             log.exception("mqtt: on_status callback failed for %s", event)
+
+
+def tool_client(cfg: MqttConfig, config_path: Union[str, Path, None] = None) -> mqtt.Client:
+    """A paho client for the command-line tools (`edged watch`, `edged config push`) with the daemon's
+    own credentials and TLS set-up (same file resolution, same clear errors: MqttSetupError/ConfigError)."""
+    from edged.config import read_password
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if cfg.username:
+        client.username_pw_set(cfg.username, read_password(cfg, config_path))
+    if cfg.tls.enabled:
+        client.tls_set_context(build_tls_context(cfg, config_path))
+        client.tls_insecure_set(not cfg.tls.verify_hostname)
+    return client

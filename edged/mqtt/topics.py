@@ -34,6 +34,7 @@ SUBTOPICS: Dict[str, str] = {
     "stats": "stats",
     "config_desired": "config/desired",
     "config_reported": "config/reported",
+    "config_effective": "config/effective",
 }
 FLEET_SEGMENT = "fleet"  # <prefix>/fleet/config/desired: followed by every device under the prefix
 
@@ -66,6 +67,7 @@ class Topics:
     stats: str
     config_desired: str
     config_reported: str
+    config_effective: str
 
     def sub(self, name: str) -> str:
         """Any topic under the device base, e.g. `sub("config/desired")`."""
@@ -136,6 +138,10 @@ class Router:
     @property
     def config_reported(self) -> Route:
         return Route(self.topics.config_reported, 1, True, "config", "config_reported")
+
+    @property
+    def config_effective(self) -> Route:
+        return Route(self.topics.config_effective, 1, True, "config", "config_effective")
 
     @staticmethod
     def discovery(topic: str) -> Route:
