@@ -201,9 +201,9 @@ def test_real_yolov3_tiny_sees_the_objects():
 @pytest.mark.slow
 def test_edged_int8_detector_sees_the_persons():
     """The project's default full-int8 YOLOv3-tiny finds both persons on the fully visible frames."""
-    from edged.config import PROJECT_ROOT, DetectorConfig
+    from edged.config import DetectorConfig, resolve_path
 
-    model = PROJECT_ROOT / DetectorConfig().model
+    model = resolve_path(DetectorConfig().model)
     if not model.is_file():
         pytest.skip(f"needs {model} (build it with scripts/build_models.sh)")
     from edged.inference.yolo import YoloDetector
