@@ -88,6 +88,8 @@ def redact_source(source: Union[int, str]) -> str:
 
 def parse_source(text: str) -> Union[int, str]:
     text = text.strip()
+    if not text:
+        raise InstallError("--source is empty: give a camera index, /dev/videoN, a file or a URL")
     return int(text) if text.isdigit() else text
 
 
@@ -223,7 +225,7 @@ def plan_install(args: argparse.Namespace, edged_bin: Path, ask: Callable[[str],
         plan.add(f"write {conf} (mode {CONFIG_FILE_MODE:04o}, root:{user})", _write_file(conf, text, CONFIG_FILE_MODE, owner),
                  detail=f"  from {EXAMPLE_CONFIG}\n  capture.source: {redact_source(source)}\n  state_dir: {STATE_DIR}")
         if source == "demo":
-            plan.notes.append("warning: the demo scene ends after a minute and the service then stops; give a camera")
+            plan.notes.append("warning: the demo scene ends after 20 seconds and the service then stops; give a camera")
         elif isinstance(source, str) and source.startswith("/dev/") and not Path(source).exists():
             plan.notes.append(f"note: {source} does not exist now; the service keeps retrying until it appears")
 
