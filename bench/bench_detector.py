@@ -157,6 +157,10 @@ def main() -> int:
     if not SHARED.exists():
         print(f"needs {SHARED}", file=sys.stderr)
         return 2
+    if not hasattr(cv2.dnn, "readNetFromDarknet"):  # the OpenCV baseline; OpenCV 5 dropped the importer
+        print(f"the OpenCV baseline needs OpenCV 4 (this is {cv2.__version__}, without readNetFromDarknet): run "
+              "this benchmark in a venv with pip install 'opencv-python-headless<5'", file=sys.stderr)
+        return 2
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     scene = cache / "scene"
