@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit, urlunsplit
 
+import yaml
+
 from edged.config import PACKAGE_DIR, ConfigError, build_config, parse_yaml
 
 DATA_DIR = PACKAGE_DIR / "data"
@@ -42,7 +44,10 @@ class InstallError(Exception):
 
 
 def render_unit(edged_bin: str, template: Path = UNIT_TEMPLATE) -> str:
-    return template.read_text().replace("@EDGED_BIN@", edged_bin)
+    if any(c.isspace() for c in edged_bin):
+        raise InstallError(f"the launcher path {edged_bin!r} contains white space, which ExecStart= cannot take; "
+                           "install edged in a path without spaces (e.g. /opt/edged)")
+    return template.read_text().replace("@EDGED_BIN@", edged_bin.replace("%", "%%"))  # % starts a specifier
 
 
 def find_edged_bin(argv0: Optional[str] = None, executable: Optional[str] = None) -> Path:
@@ -107,6 +112,15 @@ def service_config(example: str, source: Union[int, str]) -> str:
     except ConfigError as exc:
         raise InstallError(f"the service config would be invalid: {exc}") from None
     return text
+
+
+def existing_source(conf: Path) -> Union[int, str, None]:
+    """capture.source of an existing config (None when unreadable or unset)."""
+    try:
+        data = yaml.safe_load(conf.read_text(encoding="utf-8")) or {}
+        return (data.get("capture") or {}).get("source", "demo")  # absent = the default, the demo
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- the system
@@ -176,6 +190,14 @@ def _make_dir(path: Path, mode: int, group: Tuple[Path, str]) -> Callable[[], No
     return make
 
 
+def _set_owner_mode(path: Path, mode: int, group: Tuple[Path, str]) -> Callable[[], None]:
+    def set_() -> None:
+        os.chown(path, 0, _gid(*group))
+        os.chmod(path, mode)
+
+    return set_
+
+
 def _gid(root: Path, name: str) -> int:
     groups = read_group_file(root)
     if name not in groups:
@@ -211,10 +233,20 @@ def plan_install(args: argparse.Namespace, edged_bin: Path, ask: Callable[[str],
     conf_dir = inside(args.config_dir)
     conf = conf_dir / "edged.yaml"
     owner = (root, user)
-    plan.add(f"mkdir {conf_dir} (mode {CONFIG_DIR_MODE:04o}, root:{user})", _make_dir(conf_dir, CONFIG_DIR_MODE, owner))
+    plan.add(f"{'set' if conf_dir.exists() else 'mkdir'} {conf_dir} (mode {CONFIG_DIR_MODE:04o}, root:{user})",
+             _make_dir(conf_dir, CONFIG_DIR_MODE, owner))
     if conf.exists():
         plan.notes.append(f"keeping the existing {conf} (not overwritten"
                           + ("; --source ignored)" if args.source is not None else ")"))
+        if existing_source(conf) == "demo":  # what older installers wrote: the service would stop after 20 s
+            plan.notes.append(f"warning: {conf} still has capture.source: demo; put your camera there "
+                              "(or move the file away and run the installer again with --source)")
+        st = conf.stat()
+        gid = groups.get(user, (None,))[0]
+        if (st.st_mode & 0o7777) != CONFIG_FILE_MODE or st.st_uid != 0 or (gid is not None and st.st_gid != gid):
+            # An older install wrote it world-readable; it may hold credentials.
+            plan.add(f"set {conf} to mode {CONFIG_FILE_MODE:04o}, root:{user} (was {st.st_mode & 0o7777:04o}, "
+                     f"uid {st.st_uid} gid {st.st_gid})", _set_owner_mode(conf, CONFIG_FILE_MODE, owner))
     else:
         if args.source is not None:
             source = parse_source(args.source)
@@ -286,6 +318,7 @@ def run(args: argparse.Namespace, ask: Callable[[str], str] = _ask_on_terminal) 
             if not args.dry_run:
                 raise InstallError(problem)
             print(f"warning: {problem}\n(the real install refuses this without --force)", file=sys.stderr)
+        render_unit(str(edged_bin))  # a launcher path the unit cannot take fails here, before any change
         if not args.dry_run and os.geteuid() != 0:
             raise InstallError(f"needs root: sudo {edged_bin} install-service ...")
         plan = plan_install(args, edged_bin, ask)

@@ -198,14 +198,20 @@ def test_install_into_a_root_tree(tmp_path):
         path = resolve_path(model, conf)
         assert path.is_file() and path.parent == PACKAGE_DIR / "models", path
 
-    # Again, with an existing config and a new device group (a PCIe Edge TPU driver came along).
+    # Again, with an existing config an older installer left world-readable and root:root, and a new
+    # device group (a PCIe Edge TPU driver came along).
     with (root / "etc" / "group").open("a") as f:
         f.write("apex:x:120:\n")
+    conf.chmod(0o644)
+    os.chown(conf, 0, 0)
     before = conf.read_bytes()
     again = edged_cmd("--root", str(root), "--source", "/dev/video4", "--force")
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"keeping the existing {conf} (not overwritten; --source ignored)" in again.stdout
     assert conf.read_bytes() == before
+    assert f"set {conf} to mode 0640, root:edged (was 0644, uid 0 gid 0)" in again.stdout
+    assert _mode(conf) == 0o640 and conf.stat().st_gid == edged_gid
+    assert f"set {conf_dir} (mode 0750, root:edged)" in again.stdout
     assert f"+ usermod --root {root} --append --groups apex edged" in again.stdout
     assert "edged" in _group_file(root)["apex"][1]
     assert f"replace {unit}" in again.stdout
@@ -229,6 +235,25 @@ def test_home_directory_installs_are_refused(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert "the real install refuses this without --force" in captured.err
     assert "write " in captured.out
+
+
+def test_an_existing_demo_config_is_kept_but_flagged(tmp_path):
+    """Older installers left `source: demo` in /etc/edged/edged.yaml: kept, but the installer says so."""
+    root = make_root(tmp_path)
+    conf = root / "etc" / "edged" / "edged.yaml"
+    conf.parent.mkdir(parents=True)
+    conf.write_text(install.EXAMPLE_CONFIG.read_text())
+    out = edged_cmd("--dry-run", "--root", str(root))
+    assert out.returncode == 0, out.stderr
+    assert f"keeping the existing {conf} (not overwritten)" in out.stdout
+    assert f"warning: {conf} still has capture.source: demo" in out.stdout
+    assert "write " + str(conf) not in out.stdout
+
+
+def test_launcher_paths_the_unit_cannot_take():
+    with pytest.raises(install.InstallError, match="white space"):
+        install.render_unit("/opt/my edged/bin/edged")
+    assert "ExecStart=/opt/100%%/bin/edged run" in install.render_unit("/opt/100%/bin/edged")
 
 
 def test_unreachable_paths():
