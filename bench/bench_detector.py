@@ -8,7 +8,7 @@ frames, video frame i = gt frame i+1, every MOT15 gt row is a considered person)
 
 Models compared (converted once into --cache from ../shared/models/yolov3-tiny with the project's
 converter, except the committed one):
-  int8-committed     models/yolov3-tiny-416-int8.tflite (uint8 I/O, calibrated on skimage photos + demo scene)
+  int8-committed     edged/models/yolov3-tiny-416-int8.tflite (uint8 I/O, calibrated on skimage photos + demo scene)
   int8-io-int8       same calibration, int8 I/O
   int8-skimage-only  uint8 I/O calibrated on the 10 skimage photos only
   int8-mot17         uint8 I/O calibrated on the MOT17-mini frames (calibration-set sensitivity)
@@ -42,7 +42,7 @@ YT = SHARED / "models" / "yolov3-tiny"
 MOT17 = SHARED / "data" / "MOT17-mini"
 TUD_VIDEO = SHARED / "data" / "video" / "MOT15-TUD-Stadtmitte.mp4"
 TUD_GT = SHARED / "data" / "mot15" / "TUD-Stadtmitte" / "gt" / "gt.txt"
-COMMITTED = ROOT / "models" / "yolov3-tiny-416-int8.tflite"
+COMMITTED = ROOT / "edged" / "models" / "yolov3-tiny-416-int8.tflite"
 
 
 def convert(out: Path, quant: str, calib: List[str]) -> Path:
@@ -156,6 +156,10 @@ def main() -> int:
     args = ap.parse_args()
     if not SHARED.exists():
         print(f"needs {SHARED}", file=sys.stderr)
+        return 2
+    if not hasattr(cv2.dnn, "readNetFromDarknet"):  # the OpenCV baseline; OpenCV 5 dropped the importer
+        print(f"the OpenCV baseline needs OpenCV 4 (this is {cv2.__version__}, without readNetFromDarknet): run "
+              "this benchmark in a venv with pip install 'opencv-python-headless<5'", file=sys.stderr)
         return 2
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)

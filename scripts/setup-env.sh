@@ -44,3 +44,18 @@ ensure_mosquitto_binary() {
   fi
   export PATH="$PATH:/usr/sbin"
 }
+
+# Debian packages the test suite needs besides mosquitto: systemd-analyze (tests/test_systemd_unit.py
+# checks the unit offline; systemd is never started) and Chromium (the browser test of the debug page).
+ensure_test_packages() {
+  ensure_mosquitto_binary
+  local missing=()
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v chromium >/dev/null || missing+=(chromium)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}" || {
+      echo "edged: please install: sudo apt-get install ${missing[*]}" >&2
+      return 1
+    }
+  fi
+}

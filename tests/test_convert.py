@@ -1,5 +1,6 @@
 """Darknet -> TFLite converter, for real: generated cfgs with random weights (no shared data needed),
-Yolo-Fastest 1.1 and YOLOv3-tiny from ../shared; float32 parity with OpenCV 4.x's Darknet importer."""
+Yolo-Fastest 1.1 and YOLOv3-tiny from ../shared; float32 parity with OpenCV 4.x's Darknet importer
+(OpenCV 5 dropped it: the oracle runs in a cached OpenCV 4 venv, tests/_opencv4_oracle.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from edged.inference.darknet import DarknetError
 from edged.inference.yolo import YoloDetector, decode_heads
 
 from conftest import need_module, shared_path
+from _opencv4_oracle import opencv4_darknet
 
 tf = need_module("tensorflow")
 from edged.inference import convert  # noqa: E402  (imports TF lazily, but needs it here)
@@ -120,9 +122,9 @@ def photo(name: str = "astronaut") -> np.ndarray:
 def opencv_heads(cfg: Path, weights: Path, x: np.ndarray) -> List[np.ndarray]:
     """OpenCV's raw head tensors (the linear convs feeding each yolo layer) as NHWC."""
     net = darknet.parse_cfg(cfg, (x.shape[1], x.shape[2]))
-    cv_net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
-    cv_net.setInput(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    outs = cv_net.forward([f"conv_{h.source}" for h in net.heads])
+    with opencv4_darknet(cfg, weights) as cv_net:
+        cv_net.setInput(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        outs = cv_net.forward([f"conv_{h.source}" for h in net.heads])
     return [o.transpose(0, 2, 3, 1) for o in outs]
 
 
@@ -184,9 +186,9 @@ def test_decoding_matches_opencv_region_output(tiny):
     x = convert.network_input(img, 96, 96)
     raw, _ = det.raw_outputs(img)
     boxes, scores, cls = decode_heads(raw, det._heads, 96, 96, 0.0, None)
-    cv_net = cv2.dnn.readNetFromDarknet(str(cfg), str(weights))
-    cv_net.setInput(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-    o = np.concatenate(cv_net.forward(cv_net.getUnconnectedOutLayersNames()))
+    with opencv4_darknet(cfg, weights) as cv_net:
+        cv_net.setInput(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+        o = np.concatenate(cv_net.forward(cv_net.getUnconnectedOutLayersNames()))
     # OpenCV rows: cx, cy, w, h (fractions of the input), objectness, per-class obj * p (0 below its thresh).
     cv_boxes = np.concatenate([(o[:, :2] - o[:, 2:4] / 2), (o[:, :2] + o[:, 2:4] / 2)], 1) * 96
     # Our rows come per (box, class) with every class kept at threshold 0: 3 classes per box.

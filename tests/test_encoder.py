@@ -16,7 +16,7 @@ from edged.inference.encoder import AppearanceEncoder, ColourSpec, colour_histog
 from edged.inference.runtime import ModelError, read_metadata, write_metadata
 from tests.conftest import ROOT, need_module, shared_path
 
-DEFAULT_MODEL = ROOT / "models" / "encoder.tflite"
+DEFAULT_MODEL = ROOT / "edged" / "models" / "encoder.tflite"
 
 
 def _astronaut() -> np.ndarray:

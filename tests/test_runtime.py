@@ -13,7 +13,7 @@ from edged.inference.runtime import ModelError, TensorSpec
 from conftest import need_module, shared_path
 
 ROOT = Path(__file__).resolve().parent.parent
-DETECTOR = ROOT / "models" / "yolov3-tiny-416-int8.tflite"
+DETECTOR = ROOT / "edged" / "models" / "yolov3-tiny-416-int8.tflite"
 
 
 def _invoke(path: Path, x: np.ndarray) -> list:

@@ -18,7 +18,7 @@ from edged.types import Detections
 from conftest import shared_path
 
 ROOT = Path(__file__).resolve().parent.parent
-DETECTOR = ROOT / "models" / "yolov3-tiny-416-int8.tflite"
+DETECTOR = ROOT / "edged" / "models" / "yolov3-tiny-416-int8.tflite"
 
 
 def skimage_bgr(name: str) -> np.ndarray:
@@ -210,7 +210,7 @@ def test_mot17_mini_person_recall_and_precision(detector):
                     fp += 1
     recall, precision = tp / n_gt, tp / max(tp + fp, 1)
     # YOLOv3-tiny at 416 misses the many small far-away pedestrians of MOT17 but most of what it reports
-    # is right (measured: recall 0.20, precision 0.73-0.76; see models/README.md). With the cfg's wrong
+    # is right (measured: recall 0.20, precision 0.73-0.76; see edged/models/README.md). With the cfg's wrong
     # 26x26 anchor mask (0,1,2) this drops to recall 0.03, precision 0.11.
     assert recall > 0.15
     assert precision > 0.65

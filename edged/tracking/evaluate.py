@@ -26,6 +26,11 @@ HOTA_ALPHAS = np.arange(0.05, 0.99, 0.05)
 _EPS = np.finfo(float).eps
 
 
+# A plain install leaves py-motmetrics (and its pandas) out: say which extra brings it.
+MISSING_EXTRA = ("edged eval needs py-motmetrics, which a plain install leaves out: "
+                 "pip install 'edged[eval]'  (in a source checkout: pip install '.[eval]')")
+
+
 def _motmetrics():
     if not hasattr(np, "asfarray"):  # motmetrics 1.4.0 predates numpy 2, which removed asfarray
         np.asfarray = lambda a, dtype=np.float64: np.asarray(a, dtype=dtype)  # type: ignore[attr-defined]
@@ -234,6 +239,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        _motmetrics()
+    except ImportError as exc:
+        print(f"{MISSING_EXTRA}\n({exc})", file=sys.stderr)
+        return 1
     if len(args.gt) != len(args.result):
         print(f"edged eval: {len(args.gt)} --gt but {len(args.result)} --result; give them in pairs", file=sys.stderr)
         return 2
