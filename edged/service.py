@@ -488,8 +488,8 @@ class Daemon:
             out["outbox_oldest_age_s"] = out["mqtt"].get("oldest_undelivered_age_s")
         if self.remote is not None:
             m = self.remote.manager
-            out["remote_config"] = {"applied": m.store.versions, "effective_hash": m.effective_hash,
-                                    **m.counts, "dropped": self.remote.dropped}
+            out["remote_config"] = {"applied_versions": m.store.versions, "effective_hash": m.effective_hash,
+                                    "outcomes": dict(m.counts), "dropped": self.remote.dropped}
         recovered = getattr(self.outbox, "recovered", None)
         if recovered:
             out["outbox_recovered"] = recovered
@@ -780,9 +780,12 @@ class Daemon:
         from edged.mqtt.homeassistant import discovery_messages, queue_discovery
 
         classes = list(self.cfg.detector.classes) or list(self.detector.class_names)
+        rc = self.cfg.remote_config
+        # Dashboard controls send unsigned remote-config messages: only where those are accepted.
+        controls = self.remote is not None and not (rc.hmac_secret_file or rc.hmac_secret_env)
         queue_discovery(self.outbox, discovery_messages(
             self.cfg.mqtt, topics=self.topics, class_names=classes, zones=[z.name for z in self.cfg.events.zones],
-            camera=self.cfg.capture.name, sw_version=__version__))
+            camera=self.cfg.capture.name, sw_version=__version__, controls=controls))
 
     def _start_web(self) -> None:
         from edged.web import DebugServer

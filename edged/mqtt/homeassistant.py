@@ -40,9 +40,11 @@ def discovery_messages(
     camera: Optional[str] = None,
     sw_version: Optional[str] = None,
     force: bool = False,
+    controls: bool = False,
 ) -> List[Tuple[str, bytes]]:
     """(topic, payload) pairs to publish retained (QoS 1); [] unless mqtt.homeassistant.enabled
-    (or `force`). Class names are those the daemon tracks, zone names those of events.zones."""
+    (or `force`). Class names are those the daemon tracks, zone names those of events.zones.
+    `controls` adds dashboard controls backed by remote configuration (see `_controls`)."""
     if not (cfg.homeassistant.enabled or force):
         return []
     device_id = topics.device_id
@@ -118,7 +120,47 @@ def discovery_messages(
         ),
         "icon": "mdi:motion-sensor",
     })
+    if controls:
+        for component, object_id, payload in _controls(topics):
+            add(component, object_id, payload)
     return [(t, json.dumps(p, separators=(",", ":")).encode()) for t, p in out]
+
+
+# A control's command is a remote-config message: merged into the device's overlay (it changes only its
+# own key), versioned by Home Assistant's clock in milliseconds (newer than any earlier command), and
+# then validated, applied, persisted and reported like any other desired message. The state comes back
+# from the retained config/effective, so the dashboard shows what the device really runs.
+_VERSION_MS = "{{ (as_timestamp(now()) * 1000) | int }}"
+
+
+def _command(section: str, key: str, value_expr: str) -> str:
+    return ('{"version": ' + _VERSION_MS + ', "merge": true, "config": {"' + section + '": {"' + key + '": '
+            + value_expr + '}}}')
+
+
+def _controls(topics: Topics) -> List[Tuple[str, str, Dict]]:
+    return [
+        ("number", "score_threshold", {
+            "name": "detection score threshold",
+            "command_topic": topics.config_desired,
+            "command_template": _command("detector", "score_threshold", "{{ value }}"),
+            "state_topic": topics.config_effective,
+            "value_template": "{{ value_json.detector.score_threshold }}",
+            "min": 0.05, "max": 0.95, "step": 0.05, "mode": "slider",
+            "entity_category": "config",
+            "icon": "mdi:tune",
+        }),
+        ("switch", "debug_stream", {
+            "name": "debug stream",
+            "command_topic": topics.config_desired,
+            "command_template": _command("web", "enabled", "{{ 'true' if value == 'ON' else 'false' }}"),
+            "payload_on": "ON", "payload_off": "OFF",
+            "state_topic": topics.config_effective,
+            "value_template": "{{ 'ON' if value_json.web.enabled else 'OFF' }}",
+            "entity_category": "config",
+            "icon": "mdi:video",
+        }),
+    ]
 
 
 def queue_discovery(outbox, messages: Sequence[Tuple[str, bytes]]) -> int:
