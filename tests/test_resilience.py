@@ -157,3 +157,26 @@ def test_silent_partition_is_noticed_within_keepalive_and_loses_nothing(tmp_path
         out.stop()
         sub.close()
         proxy.close()
+
+
+def test_a_corrupt_outbox_is_moved_aside_and_the_daemon_starts(tmp_path, broker, demo_video):
+    """SD-card damage: the outbox file holds garbage. The daemon keeps the file (renamed, never deleted),
+    reports it in the log and in stats, and runs on a fresh outbox."""
+    state = tmp_path / "state"
+    state.mkdir()
+    damaged = b"SQLite format 3\x00" + bytes(range(256)) * 64
+    (state / "outbox.sqlite3").write_bytes(damaged)
+    sub = Collector(broker.port, "edged/faulty/#")
+    out = _spawn(_config(tmp_path, broker.port, demo_video))
+    try:
+        assert out.wait_exit(180) == 0, "\n".join(out.stderr[-20:])
+        kept = sorted(state.glob("outbox.sqlite3.corrupt-*"))
+        assert len(kept) == 1 and kept[0].read_bytes() == damaged
+        assert any(" ERROR " in ln and "outbox" in ln and kept[0].name in ln for ln in out.stderr), out.stderr[-20:]
+        assert sub.wait_for(lambda ms: any(m.payload == b"offline" for m in sub.on("/availability")), 30)
+        assert sub.payloads("/events"), "events delivered through the fresh outbox"
+        recovered = [s["outbox_recovered"] for s in sub.payloads("/stats") if "outbox_recovered" in s]
+        assert recovered and recovered[-1]["moved_to"].endswith(kept[0].name)
+    finally:
+        out.stop()
+        sub.close()
