@@ -30,6 +30,7 @@ COMMANDS = {
     "watch": ("edged.watch", "print the MQTT messages of a device as they arrive"),
     "demo-scene": ("edged.scene", "render the synthetic demo scene to a video + MOT ground truth"),
     "bench": ("edged.bench", "run the benchmarks"),
+    "replay": ("edged.replay", "run the daemon on recorded detections (no camera, no models)"),
     "install-service": ("edged.install", "install the systemd unit"),
 }
 

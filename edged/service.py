@@ -77,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(base_cfg.logging.level, base_cfg.logging.format)
     from edged.preflight import exit_code, preflight
 
+    replay = getattr(args, "replay", None)
     cfg, store, remote_problem = effective_at_start(base_cfg, args.config, overlay)
-    problems = preflight(cfg, args.config)
-    if problems and cfg is not base_cfg and not preflight(base_cfg, args.config):
+    # A replay uses neither the camera nor the models: nothing of theirs to check.
+    problems = preflight(cfg, args.config) if replay is None else []
+    if problems and cfg is not base_cfg and replay is None and not preflight(base_cfg, args.config):
         # What the remote overlay names cannot be used any more (a model file removed...): start on the
         # config file rather than not at all, and say so in the log and in config/reported.
         remote_problem = "remote overlay not used at start: " + "; ".join(str(p) for p in problems)
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         base_overlay=overlay,
         remote_store=store,
         remote_problem=remote_problem,
+        replay=replay,
     )
     stop = daemon.stop_event
 
@@ -257,8 +260,10 @@ class Daemon:
         base_overlay: Optional[Dict[str, Any]] = None,
         remote_store: Optional[Any] = None,
         remote_problem: Optional[str] = None,
+        replay: Optional[argparse.Namespace] = None,
     ):
         self.cfg = cfg
+        self.replay = replay
         self.base_overlay = base_overlay or {}
         self._remote_store = remote_store
         self._remote_problem = remote_problem
@@ -310,28 +315,38 @@ class Daemon:
 
     def _build_parts(self) -> None:
         cfg = self.cfg
-        from edged.capture import CaptureThread, open_source
         from edged.events import EventEngine
-        from edged.inference.yolo import YoloDetector
         from edged.mqtt.topics import Router, Topics
         from edged.seqcounter import IdReservation, SequenceCounter
         from edged.tracking.tracker import Tracker
 
         self.state_dir = _state_dir(cfg, self.config_path)
-        self.detector = YoloDetector.from_config(cfg.detector, self.config_path)
         self.encoder = None
-        if cfg.encoder.enabled and cfg.tracker.use_appearance:
-            from edged.inference.encoder import AppearanceEncoder
+        if self.replay is not None:
+            from edged.replay import build_replay
 
-            self.encoder = AppearanceEncoder.from_config(cfg.encoder, self.config_path)
+            self.detector, self.capture = build_replay(self.replay, cfg)
+            self.source = self.capture.source
+            frame_detector: Any = self.detector
+        else:
+            from edged.capture import CaptureThread, open_source
+            from edged.inference.yolo import YoloDetector
+
+            self.detector = YoloDetector.from_config(cfg.detector, self.config_path)
+            frame_detector = FullFrameDetector(self.detector)
+            if cfg.encoder.enabled and cfg.tracker.use_appearance:
+                from edged.inference.encoder import AppearanceEncoder
+
+                self.encoder = AppearanceEncoder.from_config(cfg.encoder, self.config_path)
         suggestion = getattr(self.encoder, "suggested_max_cosine_distance", None)
         tracker_cfg = cfg.tracker.resolved(suggestion)
         self.track_ids = IdReservation(self.state_dir / "track_ids")
         self.tracker = Tracker(tracker_cfg, first_id=self.track_ids.start())
         log.info("tracker: appearance gate %.3f%s", tracker_cfg.max_cosine_distance,
                  " (from the encoder's calibration)" if cfg.tracker.max_cosine_distance is None and suggestion else "")
-        self.source = open_source(cfg.capture, self.config_path, self.source_override)
-        self.capture = CaptureThread(self.source, cfg.capture)
+        if self.replay is None:
+            self.source = open_source(cfg.capture, self.config_path, self.source_override)
+            self.capture = CaptureThread(self.source, cfg.capture)
         self.seq = SequenceCounter(self.state_dir / "sequence")
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
         self.router = Router(self.topics, qos_events=cfg.mqtt.qos_events, qos_tracks=cfg.mqtt.qos_tracks)
@@ -364,7 +379,7 @@ class Daemon:
 
         self.sink = OutboxSink(self.outbox, self.router, print_events=self.print_events, on_event=self.on_event)
         self.pipeline = Pipeline(
-            source=CaptureFeed(self.capture), detector=FullFrameDetector(self.detector), encoder=self.encoder,
+            source=CaptureFeed(self.capture), detector=frame_detector, encoder=self.encoder,
             tracker=self.tracker, make_engine=make_engine, sink=self.sink, source_fps=source_fps,
             observers=observers, max_frames=self.max_frames,
         )

@@ -5,10 +5,38 @@ All functions work on whole matrices; the assignment itself is `scipy.optimize.l
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Callable, Tuple
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+
+def _load_linear_sum_assignment() -> Callable:
+    """scipy's LAPJV solver. `import scipy.optimize` loads the whole optimize package (about 26 MB of
+    private memory per process: a lot on a small board, and in a fleet of replayed devices); the solver
+    is a self-contained C extension, `scipy/optimize/_lsap`, which scipy.optimize re-exports as is. Load
+    just that file; fall back to the public import if scipy's layout ever changes."""
+    try:
+        import importlib.machinery
+        import importlib.util
+        from pathlib import Path
+
+        import scipy
+
+        path = next((Path(scipy.__file__).parent / "optimize").glob("_lsap.*"))
+        loader = importlib.machinery.ExtensionFileLoader("_lsap", str(path))
+        spec = importlib.util.spec_from_file_location("_lsap", path, loader=loader)
+        if spec is None:
+            raise ImportError(path)
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+        return module.linear_sum_assignment
+    except Exception:  # StopIteration, ImportError: any surprise means "use the public path"
+        from scipy.optimize import linear_sum_assignment as public
+
+        return public
+
+
+linear_sum_assignment = _load_linear_sum_assignment()
 
 # Cost of a forbidden pair (gated out, other class). Anything above the stage threshold is treated alike.
 INFTY_COST = 1e5
