@@ -1,0 +1,339 @@
+"""Motion-gated, region-based detection: the model runs only where something moved or a live track is
+due for a look, on a canvas at the model's input size into which those regions are packed.
+
+Per frame (inference stage):
+  1. `MotionDetector`: a running-average background on a small grey copy of the frame (about 1 ms for
+     160 px width); pixels further than `threshold` grey levels from it, dilated, as boxes.
+  2. `RegionPlanner.plan`: the regions to examine =
+       - motion not explained by a live track (something new, or a track where the tracker does not expect it),
+       - live tracks due for a detection: moving ones every `track_interval_s`, still ones every `refresh_s`,
+         tentative ones (not confirmed yet) on every frame,
+     each grown by `region_margin`, overlapping ones merged. Nothing to examine: no model call at all.
+  3. `pack`: the regions as tiles on one canvas at the model's input size, all at one scale: as large as
+     fits (never above `max_scale`, never below the scale of a whole-frame letterbox, so a far person gets
+     more pixels than in the letterbox, never fewer). When they do not fit even at the letterbox scale,
+     one crop around all of them (at worst: the whole frame) is used.
+  4. Detections from the canvas are mapped back to frame pixels; the examined regions travel with them
+     (`Detections.examined`) so the tracker does not count a miss for a track whose region was not looked at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import numpy as np
+
+from edged.types import Detections, Frame
+
+
+# ---------------------------------------------------------------------------------------------- motion
+class MotionDetector:
+    """Boxes (frame pixels) of what differs from a slowly updated background."""
+
+    def __init__(self, *, width: int = 160, threshold: int = 16, alpha: float = 0.02, min_area: float = 0.0005):
+        self.width = int(width)
+        self.threshold = float(threshold)
+        self.alpha = float(alpha)
+        self.min_area = float(min_area)
+        self._bg: Optional[np.ndarray] = None
+        self._shape: Optional[Tuple[int, int]] = None
+        self._kernel = np.ones((3, 3), np.uint8)
+        self.moving_fraction = 0.0  # share of the small frame that moved, last update
+
+    def reset(self) -> None:
+        self._bg = None
+
+    def update(self, image: np.ndarray) -> np.ndarray:
+        """(K, 4) float32 boxes x1 y1 x2 y2 in frame pixels; empty on the first frame."""
+        h, w = image.shape[:2]
+        sw = min(self.width, w)
+        sh = max(1, int(round(h * sw / w)))
+        small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
+        grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
+        grey = cv2.GaussianBlur(grey, (5, 5), 0)
+        if self._bg is None or self._shape != (sh, sw):
+            self._bg = grey.astype(np.float32)
+            self._shape = (sh, sw)
+            self.moving_fraction = 0.0
+            return np.zeros((0, 4), np.float32)
+        diff = cv2.absdiff(grey.astype(np.float32), self._bg)
+        cv2.accumulateWeighted(grey, self._bg, self.alpha)
+        mask = (diff > self.threshold).astype(np.uint8)
+        self.moving_fraction = float(mask.mean())
+        if not mask.any():
+            return np.zeros((0, 4), np.float32)
+        mask = cv2.dilate(mask, self._kernel, iterations=2)
+        n, _labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        min_px = self.min_area * sw * sh
+        keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_px]
+        if not keep:
+            return np.zeros((0, 4), np.float32)
+        s = stats[keep]
+        boxes = np.stack([s[:, 0], s[:, 1], s[:, 0] + s[:, 2], s[:, 1] + s[:, 3]], axis=1).astype(np.float32)
+        boxes *= np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+        return boxes
+
+
+# ---------------------------------------------------------------------------------------------- tracks
+@dataclass
+class TrackView:
+    """The live tracks as the tracking stage last saw them (shown to the inference stage)."""
+
+    frame_index: int
+    ids: np.ndarray  # (T,) int
+    boxes: np.ndarray  # (T, 4) float, frame pixels, at frame_index
+    velocities: np.ndarray  # (T, 2) box-centre pixels per frame
+    confirmed: np.ndarray  # (T,) bool
+
+    @staticmethod
+    def empty() -> "TrackView":
+        return TrackView(-1, np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 2)), np.zeros(0, bool))
+
+    def at(self, frame_index: int) -> np.ndarray:
+        """Boxes extrapolated to `frame_index` along their velocity."""
+        if self.frame_index < 0 or not len(self.ids):
+            return self.boxes
+        dt = max(0, frame_index - self.frame_index)
+        return self.boxes + np.tile(self.velocities, 2) * dt
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def grow(boxes: np.ndarray, margin: float, frame_w: int, frame_h: int, min_size: float = 0.0) -> np.ndarray:
+    """Boxes grown by `margin` x their size on every side (at least min_size / 2), clipped to the frame."""
+    if not len(boxes):
+        return boxes.reshape(0, 4).astype(np.float64)
+    b = boxes.astype(np.float64).copy()
+    pad_w = np.maximum((b[:, 2] - b[:, 0]) * margin, min_size / 2)
+    pad_h = np.maximum((b[:, 3] - b[:, 1]) * margin, min_size / 2)
+    b[:, 0] -= pad_w
+    b[:, 2] += pad_w
+    b[:, 1] -= pad_h
+    b[:, 3] += pad_h
+    np.clip(b[:, 0::2], 0, frame_w, out=b[:, 0::2])
+    np.clip(b[:, 1::2], 0, frame_h, out=b[:, 1::2])
+    return b
+
+
+def merge_overlapping(boxes: np.ndarray) -> np.ndarray:
+    """Union boxes that intersect until none do (regions examined together)."""
+    b = [list(map(float, x)) for x in boxes]
+    merged = True
+    while merged and len(b) > 1:
+        merged = False
+        out: List[List[float]] = []
+        while b:
+            cur = b.pop()
+            changed = True
+            while changed:
+                changed = False
+                rest = []
+                for o in b:
+                    if o[0] < cur[2] and cur[0] < o[2] and o[1] < cur[3] and cur[1] < o[3]:
+                        cur = [min(cur[0], o[0]), min(cur[1], o[1]), max(cur[2], o[2]), max(cur[3], o[3])]
+                        changed = merged = True
+                    else:
+                        rest.append(o)
+                b = rest
+            out.append(cur)
+        b = out
+    return np.array(b, np.float64).reshape(-1, 4)
+
+
+def covered_fraction(boxes: np.ndarray, regions: np.ndarray) -> np.ndarray:
+    """For each box, the largest fraction of its area inside one of `regions`."""
+    if not len(boxes):
+        return np.zeros(0)
+    if not len(regions):
+        return np.zeros(len(boxes))
+    ix1 = np.maximum(boxes[:, None, 0], regions[None, :, 0])
+    iy1 = np.maximum(boxes[:, None, 1], regions[None, :, 1])
+    ix2 = np.minimum(boxes[:, None, 2], regions[None, :, 2])
+    iy2 = np.minimum(boxes[:, None, 3], regions[None, :, 3])
+    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
+    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9)
+    return (inter / area[:, None]).max(axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- packing
+@dataclass(frozen=True)
+class Tile:
+    """A frame region drawn on the canvas at (cx, cy) with `scale` canvas pixels per frame pixel."""
+
+    region: Tuple[float, float, float, float]  # x1 y1 x2 y2, frame pixels (integers)
+    cx: int
+    cy: int
+    scale: float
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        x1, y1, x2, y2 = self.region
+        return max(1, int(round((x2 - x1) * self.scale))), max(1, int(round((y2 - y1) * self.scale)))
+
+
+def _shelf_pack(sizes: Sequence[Tuple[int, int]], net_w: int, net_h: int, gap: int) -> Optional[List[Tuple[int, int]]]:
+    """Positions for rectangles on shelves (tallest first), or None when they do not fit."""
+    order = sorted(range(len(sizes)), key=lambda i: -sizes[i][1])
+    pos: List[Tuple[int, int]] = [(0, 0)] * len(sizes)
+    x = y = shelf_h = 0
+    for i in order:
+        w, h = sizes[i]
+        if w > net_w or h > net_h:
+            return None
+        if x + w > net_w:
+            x, y, shelf_h = 0, y + shelf_h + gap, 0
+        if y + h > net_h:
+            return None
+        pos[i] = (x, y)
+        x += w + gap
+        shelf_h = max(shelf_h, h)
+    return pos
+
+
+def pack(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net_h: int, *,
+         max_scale: float = 1.0, gap: int = 8) -> List[Tile]:
+    """Tiles for `regions` on one net_w x net_h canvas, all at the largest common scale that fits (at
+    most max_scale). Below the whole-frame letterbox scale, one crop around all regions is used instead."""
+    full_scale = min(net_w / frame_w, net_h / frame_h)
+    regions = np.round(regions).astype(np.int64)
+    if len(regions):
+        lo, hi = full_scale, max(full_scale, max_scale)
+
+        def fits(s: float) -> Optional[List[Tuple[int, int]]]:
+            sizes = [(max(1, int(round((r[2] - r[0]) * s))), max(1, int(round((r[3] - r[1]) * s)))) for r in regions]
+            return _shelf_pack(sizes, net_w, net_h, gap)
+
+        if fits(lo) is not None:
+            best = lo
+            if fits(hi) is not None:
+                best = hi
+            else:
+                for _ in range(12):  # bisect the largest scale that still fits
+                    mid = (lo + hi) / 2
+                    if fits(mid) is not None:
+                        lo = best = mid
+                    else:
+                        hi = mid
+            positions = fits(best)
+            assert positions is not None
+            return [Tile(tuple(float(v) for v in r), x, y, best) for r, (x, y) in zip(regions, positions)]
+    # One crop around everything, with the network's aspect ratio, inside the frame.
+    if len(regions):
+        x1, y1 = regions[:, 0].min(), regions[:, 1].min()
+        x2, y2 = regions[:, 2].max(), regions[:, 3].max()
+    else:
+        x1, y1, x2, y2 = 0, 0, frame_w, frame_h
+    scale = min(max_scale, net_w / max(1, x2 - x1), net_h / max(1, y2 - y1))
+    scale = max(scale, full_scale)
+    cw, ch = min(frame_w, net_w / scale), min(frame_h, net_h / scale)
+    cx = min(max(0.0, (x1 + x2) / 2 - cw / 2), frame_w - cw)
+    cy = min(max(0.0, (y1 + y2) / 2 - ch / 2), frame_h - ch)
+    return [Tile((float(cx), float(cy), float(cx + cw), float(cy + ch)), 0, 0, scale)]
+
+
+def render(image_bgr: np.ndarray, tiles: Sequence[Tile], net_w: int, net_h: int, out: np.ndarray,
+           fill: int = 127) -> np.ndarray:
+    """The RGB network input: each tile's region resized to its place on a grey canvas."""
+    out[...] = fill
+    for t in tiles:
+        x1, y1, x2, y2 = (int(round(v)) for v in t.region)
+        tw, th = t.size
+        tw, th = min(tw, net_w - t.cx), min(th, net_h - t.cy)
+        crop = image_bgr[y1:y2, x1:x2]
+        if crop.size == 0 or tw <= 0 or th <= 0:
+            continue
+        interp = cv2.INTER_AREA if t.scale < 1.0 else cv2.INTER_LINEAR
+        resized = crop if (crop.shape[1], crop.shape[0]) == (tw, th) else cv2.resize(crop, (tw, th), interpolation=interp)
+        out[t.cy:t.cy + th, t.cx:t.cx + tw] = resized[..., ::-1]
+    return out
+
+
+def unpack(boxes: np.ndarray, tiles: Sequence[Tile]) -> Tuple[np.ndarray, np.ndarray]:
+    """Canvas boxes -> frame boxes; a box belongs to the tile holding its centre (others are dropped).
+    Returns (frame boxes, index of the kept canvas boxes)."""
+    if not len(boxes):
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    out, keep = [], []
+    for t in tiles:
+        tw, th = t.size
+        inside = ((centres[:, 0] >= t.cx) & (centres[:, 0] < t.cx + tw) &
+                  (centres[:, 1] >= t.cy) & (centres[:, 1] < t.cy + th))
+        for i in np.flatnonzero(inside):
+            b = boxes[i].astype(np.float64)
+            x1, y1, x2, y2 = t.region
+            fb = np.array([(b[0] - t.cx) / t.scale + x1, (b[1] - t.cy) / t.scale + y1,
+                           (b[2] - t.cx) / t.scale + x1, (b[3] - t.cy) / t.scale + y1])
+            fb[0::2] = np.clip(fb[0::2], x1, x2)
+            fb[1::2] = np.clip(fb[1::2], y1, y2)
+            out.append(fb)
+            keep.append(i)
+    if not out:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
+    return np.array(out, np.float32), np.array(keep, np.int64)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+@dataclass
+class Plan:
+    regions: np.ndarray  # (R, 4) frame pixels to examine; empty: no model call
+    reasons: Dict[str, int] = field(default_factory=dict)  # why: motion, moving, refresh, tentative
+
+
+class RegionPlanner:
+    """Decides per frame which regions the model looks at (see the module docstring)."""
+
+    def __init__(self, *, region_margin: float = 0.2, track_interval_s: float = 0.08, refresh_s: float = 2.0,
+                 explained: float = 0.6, min_region: float = 32.0):
+        self.region_margin = region_margin
+        self.track_interval_s = track_interval_s
+        self.refresh_s = refresh_s
+        self.explained = explained
+        self.min_region = min_region
+        self._last_look: Dict[int, float] = {}  # track id -> stream time its region was last examined
+
+    def plan(self, frame: Frame, motion: np.ndarray, view: TrackView) -> Plan:
+        w, h = frame.size
+        now = frame.stream_time
+        boxes = view.at(frame.index)
+        reasons: Dict[str, int] = {}
+        wanted: List[np.ndarray] = []
+        # Motion that no track explains: something new (or a track the tracker lost).
+        if len(motion):
+            grown_tracks = grow(boxes, self.region_margin, w, h)
+            unexplained = covered_fraction(motion.astype(np.float64), grown_tracks) < self.explained
+            if unexplained.any():
+                wanted.append(motion[unexplained].astype(np.float64))
+                reasons["motion"] = int(unexplained.sum())
+        if len(view.ids):
+            moving = covered_fraction(boxes, motion.astype(np.float64).reshape(-1, 4)) > 0.0 if len(motion) else \
+                np.zeros(len(view.ids), bool)
+            last = np.array([self._last_look.get(int(i), -np.inf) for i in view.ids])
+            age = now - last
+            due_tentative = ~view.confirmed
+            due_moving = moving & (age >= self.track_interval_s - 1e-6)
+            due_refresh = age >= self.refresh_s
+            due = due_tentative | due_moving | due_refresh
+            for name, m in (("tentative", due_tentative), ("moving", due_moving & view.confirmed),
+                            ("refresh", due_refresh & ~due_moving & view.confirmed)):
+                if m.any():
+                    reasons[name] = int(m.sum())
+            if due.any():
+                wanted.append(boxes[due])
+        if not wanted:
+            return Plan(np.zeros((0, 4)), reasons)
+        regions = merge_overlapping(grow(np.concatenate(wanted), self.region_margin, w, h, self.min_region))
+        return Plan(regions, reasons)
+
+    def looked(self, view: TrackView, frame: Frame, examined: np.ndarray) -> None:
+        """Record which tracks' regions were examined at this frame."""
+        if not len(view.ids):
+            return
+        boxes = view.at(frame.index)
+        inside = covered_fraction(boxes, examined) >= 0.5 if len(examined) else np.zeros(len(view.ids), bool)
+        for tid in view.ids[inside]:
+            self._last_look[int(tid)] = frame.stream_time
+        if len(self._last_look) > 4 * max(16, len(view.ids)):  # forget ended tracks
+            alive = set(int(i) for i in view.ids)
+            self._last_look = {k: v for k, v in self._last_look.items() if k in alive}

@@ -1,0 +1,103 @@
+"""edged.motion on real video: motion boxes, region planning, packing tiles on the model canvas."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from edged.motion import (
+    MotionDetector, RegionPlanner, Tile, TrackView, covered_fraction, merge_overlapping, pack, render, unpack,
+)
+from edged.types import Frame
+from tests.conftest import shared_path
+
+
+def _tud(n: int = 60):
+    video = shared_path("data", "video", "MOT15-TUD-Stadtmitte.mp4")
+    gt = np.loadtxt(shared_path("data", "mot15", "TUD-Stadtmitte", "gt", "gt.txt"), delimiter=",")
+    cap = cv2.VideoCapture(str(video))
+    frames = []
+    for i in range(n):
+        ok, img = cap.read()
+        assert ok
+        frames.append(img)
+    cap.release()
+    return frames, gt
+
+
+def test_motion_boxes_cover_the_walking_people_and_nothing_moves_in_a_still_frame():
+    frames, gt = _tud(40)
+    md = MotionDetector()
+    assert len(md.update(frames[0])) == 0  # the first frame starts the background
+    found, total = 0, 0
+    for i in range(1, len(frames)):
+        boxes = md.update(frames[i])
+        rows = gt[gt[:, 0] == i + 1]
+        people = np.stack([rows[:, 2], rows[:, 3], rows[:, 2] + rows[:, 4], rows[:, 3] + rows[:, 5]], axis=1)
+        if i >= 10:  # once the background has settled
+            got = covered_fraction(people, boxes.astype(np.float64)) > 0.3
+            found += int(got.sum())
+            total += len(people)
+    assert found / total > 0.8, f"motion covered {found}/{total} walking people"
+    still = MotionDetector()
+    for _ in range(5):
+        boxes = still.update(frames[0])
+    assert len(boxes) == 0 and still.moving_fraction == 0.0
+
+
+def test_pack_render_unpack_maps_boxes_back_exactly():
+    frame_w, frame_h = 1920, 1080
+    regions = np.array([[100, 200, 180, 400], [1500, 600, 1620, 900], [900, 100, 960, 220]], float)
+    tiles = pack(regions, frame_w, frame_h, 416, 416)
+    assert len(tiles) == 3 and tiles[0].scale >= 416 / 1920
+    assert tiles[0].scale == 1.0, "small regions are drawn at full resolution (max_scale)"
+    # A box in each region, as if the model found it on the canvas.
+    canvas_boxes = []
+    for t in tiles:
+        x1, y1, x2, y2 = t.region
+        fb = np.array([x1 + 10, y1 + 10, x2 - 10, y2 - 10])
+        canvas_boxes.append([(fb[0] - x1) * t.scale + t.cx, (fb[1] - y1) * t.scale + t.cy,
+                             (fb[2] - x1) * t.scale + t.cx, (fb[3] - y1) * t.scale + t.cy])
+    back, keep = unpack(np.array(canvas_boxes, np.float32), tiles)
+    assert list(keep) == [0, 1, 2]
+    expected = np.array([[t.region[0] + 10, t.region[1] + 10, t.region[2] - 10, t.region[3] - 10] for t in tiles])
+    np.testing.assert_allclose(back, expected, atol=0.01)
+    # Rendering puts each region's pixels at its tile.
+    img = np.zeros((frame_h, frame_w, 3), np.uint8)
+    img[200:400, 100:180] = (0, 0, 255)  # red in BGR
+    out = render(img, tiles, 416, 416, np.empty((416, 416, 3), np.uint8))
+    t = next(t for t in tiles if t.region[0] == 100)
+    assert tuple(out[t.cy + 5, t.cx + 5]) == (255, 0, 0)  # RGB on the canvas
+
+
+def test_regions_that_do_not_fit_become_one_crop_at_least_as_sharp_as_the_letterbox():
+    regions = np.array([[0, 0, 1000, 1050], [1010, 0, 1910, 1050]], float)  # no room for both at 0.2167
+    tiles = pack(regions, 1920, 1080, 416, 416)
+    assert len(tiles) == 1
+    (t,) = tiles
+    assert t.scale >= 416 / 1920 - 1e-9 and t.region[2] - t.region[0] <= 1920
+
+
+def test_planner_looks_only_where_needed():
+    planner = RegionPlanner(track_interval_s=0.1, refresh_s=2.0)
+    img = np.zeros((480, 640, 3), np.uint8)
+    view = TrackView(0, np.array([7]), np.array([[100.0, 100, 150, 250]]), np.zeros((1, 2)), np.array([True]))
+    f0 = Frame(img, 1, 0.0, 1.0)
+    plan = planner.plan(f0, np.zeros((0, 4), np.float32), view)
+    assert plan.reasons == {"refresh": 1}  # never looked at yet
+    planner.looked(view, f0, plan.regions)
+    still = planner.plan(Frame(img, 2, 0.0, 1.04), np.zeros((0, 4), np.float32), view)
+    assert len(still.regions) == 0, "a still, recently seen track needs no model call"
+    moving = planner.plan(Frame(img, 3, 0.0, 1.2), np.array([[110, 120, 160, 240]], np.float32), view)
+    assert moving.reasons == {"moving": 1}
+    new = planner.plan(Frame(img, 4, 0.0, 1.21), np.array([[400, 300, 460, 420]], np.float32), view)
+    assert new.reasons == {"motion": 1} and covered_fraction(np.array([[400, 300, 460, 420.0]]), new.regions)[0] == 1.0
+    refresh = planner.plan(Frame(img, 60, 0.0, 3.1), np.zeros((0, 4), np.float32), view)
+    assert refresh.reasons == {"refresh": 1}
+
+
+def test_merge_overlapping_regions():
+    boxes = np.array([[0, 0, 10, 10], [5, 5, 20, 20], [30, 30, 40, 40], [19, 19, 31, 31]], float)
+    assert merge_overlapping(boxes).tolist() == [[0.0, 0.0, 40.0, 40.0]]
+    assert len(merge_overlapping(np.array([[0, 0, 1, 1], [2, 2, 3, 3]], float))) == 2
+    assert Tile((0, 0, 10, 20), 0, 0, 2.0).size == (20, 40)
