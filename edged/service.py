@@ -439,7 +439,9 @@ class Daemon:
                 problems.append(pwhy)
         return (False, "; ".join(problems)) if problems else (True, "ok")
 
-    def _frames_flowing(self) -> Tuple[bool, str]:
+    def _frames_flowing(self, start_grace: bool = False) -> Tuple[bool, str]:
+        """Frames processed recently (within supervisor.stall_s). Before the first frame: not yet, unless
+        `start_grace` (the watchdog's view: a model may take a while to load, a camera to open)."""
         if self.capture is None or self.pipeline is None:
             return False, "not started"
         state = self.capture.stats().get("state")
@@ -448,9 +450,14 @@ class Daemon:
             return False, f"source {state}: {self.capture.stats().get('last_error')}"
         if state == "ended":
             return True, "ok"
-        age = time.monotonic() - (last or self._run_started)
+        if not last:
+            age = time.monotonic() - self._run_started
+            if start_grace and age <= self.cfg.supervisor.stall_s:
+                return True, "starting"
+            return False, f"no frame processed yet ({age:.0f} s after start)"
+        age = time.monotonic() - last
         if age > self.cfg.supervisor.stall_s:
-            return False, f"no frame processed for {age:.0f} s" if last else f"no frame yet after {age:.0f} s"
+            return False, f"no frame processed for {age:.0f} s"
         return True, "ok"
 
     def watchdog_ok(self) -> bool:
@@ -465,7 +472,7 @@ class Daemon:
             return True
         if not self.supervisor.healthy(["inference", "tracking"]):
             return True  # being restarted with backoff; the supervisor gives up (exits) if it keeps failing
-        return self._frames_flowing()[0]
+        return self._frames_flowing(start_grace=True)[0]
 
     # ------------------------------------------------------------------------------------ stats
     def stats(self) -> Dict[str, Any]:

@@ -21,7 +21,7 @@ def _edged(*args: str, **kw) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args, code", [
-    (("models", "info", str(ROOT / "models" / "yolov3-tiny-416-int8.tflite")), EXIT_BROKEN_PIPE),
+    (("models", "info", str(ROOT / "edged" / "models" / "yolov3-tiny-416-int8.tflite")), EXIT_BROKEN_PIPE),
     (("config", "--config", str(EXAMPLE)), EXIT_BROKEN_PIPE),
     # argparse's own output (--version, --help) ignores write errors itself: a plain exit 0.
     (("--version",), 0),
@@ -45,13 +45,14 @@ def test_closed_pipe_ends_quietly(args, code):
 
 
 def test_pipe_read_in_part_then_closed():
-    """`edged config | head -n 1` as a shell runs it: the first line arrives, nothing else is said."""
+    """`edged config | head -n 1` as a shell runs it: the first line (which layers made the config)
+    arrives, nothing else is said."""
     r = subprocess.run(
         f"{sys.executable} -m edged config --config {EXAMPLE} | head -n 1",
         shell=True, capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert r.returncode == 0
-    assert r.stdout == "device_id: edged\n"
+    assert r.stdout == "# defaults + file\n"
     assert r.stderr == ""
 
 

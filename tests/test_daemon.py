@@ -153,9 +153,10 @@ def test_demo_scene_one_enter_one_exit_per_object(tmp_path, broker, demo_video):
         assert state is not None, "no state message"
         assert state.retain is False  # a live delivery to our subscription, made before the daemon started
         _validator("state").validate(state.json())
-        # ... and the broker keeps the last state and the availability for late subscribers.
-        assert sorted(retained_topics(broker.port, "edged/testcam/#")) == ["edged/testcam/availability",
-                                                                          "edged/testcam/state"]
+        # ... and the broker keeps the last state, the availability and the effective config (remote
+        # configuration) for late subscribers.
+        assert sorted(retained_topics(broker.port, "edged/testcam/#")) == [
+            "edged/testcam/availability", "edged/testcam/config/effective", "edged/testcam/state"]
         for s in sub.payloads("/stats"):
             _validator("stats").validate(s)
         # --mot-out is scorable MOTChallenge.

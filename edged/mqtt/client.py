@@ -17,8 +17,8 @@ called again by a supervisor (edged.supervisor) with every piece of state on the
 acknowledged but that could not be deleted yet are retried first, rows in flight stay tracked, and the
 connection is left up (never a clean DISCONNECT on a failure: if the process gives up, the broker
 publishes the last will). A silent link stall (no FIN/RST, nothing comes back) is noticed when a publish
-stays unacknowledged for `keepalive` seconds: the socket is shut down and paho reconnects; paho's own
-keepalive covers an idle link.
+waits, and nothing at all is acknowledged, for half the keepalive: the socket is shut down and paho
+reconnects; paho's own keepalive ping covers an idle link.
 
 A publish refused by the broker (MQTT v5 reason code >= 0x80 in PUBACK/PUBREC, e.g. 0x87 "Not
 authorized" from an ACL) is logged as a warning, counted (`denied` for 0x87, `rejected` for other
@@ -310,13 +310,15 @@ class MqttPublisher:
             self._stopped.set()
 
     def _check_stall(self) -> None:
-        """A publish unacknowledged for `keepalive` seconds with nothing acknowledged since it was
-        sent: the link is stalled (no FIN/RST). Shut the socket down so paho reconnects now."""
+        """Nothing acknowledged for half the keepalive while a publish has been waiting at least that long:
+        the link is stalled (no FIN/RST). Shut the socket down so paho reconnects now, instead of after
+        paho's own keepalive ping times out (up to twice the keepalive)."""
         if not self._sent_at:
             return
         now = time.monotonic()
+        limit = max(1.0, 0.5 * self.cfg.keepalive)
         oldest = min(self._sent_at.values())
-        if now - oldest < self.cfg.keepalive or self._last_ack_at > oldest:
+        if now - oldest < limit or now - self._last_ack_at < limit:
             return
         self._stalls += 1
         with self._stats_lock:
