@@ -448,6 +448,36 @@ def test_encoder_switched_on_for_the_first_time_mid_run(tud):
     check_bookkeeping(steps, tracker)
 
 
+def learned_part(dets: Detections) -> Detections:
+    """The same crops described by another encoder: the learned 1024-d part alone (no colour histogram)."""
+    if dets.features is None:
+        return dets
+    f = dets.features[:, :1024]
+    return replace(dets, features=f / np.linalg.norm(f, axis=1, keepdims=True))
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["dimension change", "forget_appearance"])
+def test_encoder_model_changed_mid_run(tud, explicit):
+    frames, gate = tud
+    half = len(frames) // 2
+    seen = {}
+
+    def swap(t: Tracker) -> None:
+        if explicit:
+            t.forget_appearance()
+            seen["after"] = t.live_tracks()
+
+    other = frames[:half] + [learned_part(d) for d in frames[half:]]
+    steps, tracker = run(other, default_cfg(gate), {half: swap})
+    assert ids(steps[half - 1]) - ids(steps[half]) <= {t.track_id for t in steps[half].deleted}
+    if explicit:
+        assert seen["after"] and all(t.feature is None for t in seen["after"])
+    assert all(t.feature is not None and t.feature.shape == (1120,) for t in steps[half - 1].tracks if t.time_since_update == 0)
+    matched = [t for s in steps[half:] for t in s.tracks if t.time_since_update == 0]
+    assert len(matched) > 100 and all(t.feature is not None and t.feature.shape == (1024,) for t in matched)
+    check_bookkeeping(steps, tracker)
+
+
 # ---------------------------------------------------------------------------------------------- detector
 @pytest.fixture(scope="module")
 def scene_frames() -> Dict[int, np.ndarray]:

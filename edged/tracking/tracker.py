@@ -110,6 +110,16 @@ class Tracker:
         if self._feature_dim and any(getattr(old, k) != getattr(cfg, k) for k in _APPEARANCE_SHAPE_KEYS):
             self._reshape_appearance()
 
+    def forget_appearance(self) -> None:
+        """Drop what every track has learned of its appearance, e.g. because the encoder model changed
+        (old and new features do not compare; `update` does it by itself when the dimension changes).
+        Tracks, ids and Kalman states stay; a track is associated on IoU, as one born while the encoder
+        was off, until it is matched again and learns its look from the new features."""
+        self._feature_dim = self._capacity = 0
+        self._free_slots = []
+        self._gallery = self._gallery_pos = self._feature_sum = self._has_feature = None
+        self._ema = self._feature_count = self._proto_stamp = None
+
     @property
     def state(self) -> np.ndarray:
         """(T, WIDTH) view of the live tracks' state (read-only use: tests, debugging)."""
@@ -137,6 +147,10 @@ class Tracker:
             if n_det == 0 or feats.shape[1] == 0:
                 feats = None
             elif self._feature_dim != feats.shape[1]:
+                if self._feature_dim:
+                    # Another encoder model (a live reconfiguration): its features do not compare with
+                    # the old ones. Dropping the memory keeps the tracks going.
+                    self.forget_appearance()
                 self._ensure_pool(feats.shape[1])
 
         n = self._n
@@ -472,8 +486,6 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------ appearance
     def _ensure_pool(self, dim: int) -> None:
-        if self._feature_dim:
-            raise ValueError(f"Detections: feature dimension changed from {self._feature_dim} to {dim}")
         self._feature_dim = dim
         self._grow(64)
         # Tracks started before features arrived get slots now.
