@@ -22,6 +22,7 @@ import base64
 import itertools
 import math
 import os
+import re
 import statistics
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from typing import Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tu
 import numpy as np
 
 from edged import geometry
-from edged.config import EventsConfig
+from edged.config import IDENT_RE, EventsConfig
 from edged.types import EVENT_TYPES, TrackerStep, TrackSnapshot  # noqa: F401 (EVENT_TYPES re-exported)
 
 EXIT_REASONS = ("lost", "left_frame", "shutdown")
@@ -183,6 +184,27 @@ class EventEngine:
         self._wh = np.array([self.width, self.height], np.float64)
         self._wh4 = np.tile(self._wh, 2)
         self._diag = math.hypot(self.width, self.height)
+
+    def set_camera(self, name: str) -> None:
+        """capture.name changed live: records from now on (and `state`) carry `name`. Live tracks, zone
+        memberships and line states stay: the engine follows one camera whatever it is called."""
+        if not isinstance(name, str) or not re.fullmatch(IDENT_RE, name):
+            raise ValueError(f"capture.name must match {IDENT_RE}, got {name!r}")
+        if name != self.camera:
+            self.camera = name
+            self.state_version += 1
+
+    def set_track_classes(self, classes: Sequence[str]) -> None:
+        """detector.classes changed live: the classes `state` always lists (0 when none is live; []
+        = none listed up front). Entered tracks stay, and are counted under their class as before: a
+        track of a class no longer detected exits the usual way, when the tracker deletes it."""
+        classes = [str(c) for c in classes]
+        unknown = [c for c in classes if c not in self.class_names]
+        if unknown:
+            raise ValueError(f"detector.classes {unknown} are not in the model's {len(self.class_names)} classes")
+        if classes != self.track_classes:
+            self.track_classes = classes
+            self.state_version += 1
 
     def set_config(
         self,

@@ -63,6 +63,14 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     threading.excepthook = _log_uncaught_in_thread
 
 
+def set_level(level: str) -> None:
+    """logging.level changed live: the root logger's level (every handler stays). Raises ValueError
+    naming the key for a level other than debug, info, warning, error."""
+    if level not in _LEVELS:
+        raise ValueError(f"logging.level must be one of {', '.join(_LEVELS)}, got {level!r}")
+    logging.getLogger().setLevel(_LEVELS[level])
+
+
 def _log_uncaught(kind: Type[BaseException], value: BaseException, tb: Optional[TracebackType]) -> None:
     if issubclass(kind, KeyboardInterrupt):
         sys.__excepthook__(kind, value, tb)

@@ -146,6 +146,29 @@ def nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray, iou: float
 
 
 # ---------------------------------------------------------------------------------------------- detector
+# DetectorConfig keys `YoloDetector.configure` changes live; any other key needs a new detector.
+LIVE_KEYS = ("score_threshold", "nms_iou", "classes", "max_detections")
+
+
+def split_changes(old: Any, new: Any) -> Tuple[Dict[str, Any], List[str]]:
+    """Differences between two DetectorConfigs: (keyword arguments for `configure`, sorted names of
+    the changed keys that need the detector rebuilt, e.g. model, input_size, threads, delegate)."""
+    a, b = old.model_dump(), new.model_dump()
+    changed = [k for k in b if a.get(k) != b[k]]
+    return {k: b[k] for k in changed if k in LIVE_KEYS}, sorted(k for k in changed if k not in LIVE_KEYS)
+
+
+def _checked_post(score_threshold: float, nms_iou: float, max_detections: int) -> Tuple[float, float, int]:
+    """The post-processing settings, checked (messages name the config keys)."""
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ValueError(f"detector.score_threshold must be in 0..1, got {score_threshold}")
+    if not 0.0 < nms_iou <= 1.0:
+        raise ValueError(f"detector.nms_iou must be in (0, 1], got {nms_iou}")
+    if int(max_detections) != max_detections or max_detections < 1:
+        raise ValueError(f"detector.max_detections must be an integer >= 1, got {max_detections}")
+    return float(score_threshold), float(nms_iou), int(max_detections)
+
+
 class YoloDetector:
     """Detect objects in BGR frames with a converted Darknet YOLO TFLite model."""
 
@@ -163,15 +186,7 @@ class YoloDetector:
         input_size: Optional[int] = None,
     ):
         self.model_path = Path(model_path)
-        if not 0.0 <= score_threshold <= 1.0:
-            raise ValueError(f"score_threshold must be in 0..1, got {score_threshold}")
-        if not 0.0 < nms_iou <= 1.0:
-            raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
-        if max_detections < 1:
-            raise ValueError(f"max_detections must be >= 1, got {max_detections}")
-        self.score_threshold = float(score_threshold)
-        self.nms_iou = float(nms_iou)
-        self.max_detections = int(max_detections)
+        self.score_threshold, self.nms_iou, self.max_detections = _checked_post(score_threshold, nms_iou, max_detections)
         meta = runtime.read_metadata(self.model_path)
         if meta is None:
             raise ModelError(
@@ -184,6 +199,31 @@ class YoloDetector:
         self._class_ids = self._allowed_class_ids(classes)
         self._canvas = np.empty((self.net_h, self.net_w, 3), np.uint8)
         self.last_timing: Dict[str, float] = {}
+
+    def configure(
+        self,
+        *,
+        score_threshold: Optional[float] = None,
+        nms_iou: Optional[float] = None,
+        classes: Optional[List[str]] = None,
+        max_detections: Optional[int] = None,
+    ) -> None:
+        """Change the post-processing live (`LIVE_KEYS`); the next `detect` uses it. None leaves a
+        setting as it is; classes [] = every class. Checked like the constructor, all before any is
+        applied: on a ValueError (naming the detector.* key) nothing has changed. Call it between two
+        frames, on the thread that runs `detect`."""
+        score, iou, cap = _checked_post(
+            self.score_threshold if score_threshold is None else score_threshold,
+            self.nms_iou if nms_iou is None else nms_iou,
+            self.max_detections if max_detections is None else max_detections,
+        )
+        class_ids = self._class_ids if classes is None else self._allowed_class_ids(classes)
+        self.score_threshold, self.nms_iou, self.max_detections, self._class_ids = score, iou, cap, class_ids
+
+    @property
+    def classes(self) -> List[str]:
+        """Class names the detector reports ([] = all)."""
+        return [] if self._class_ids is None else [self.class_names[i] for i in self._class_ids]
 
     @classmethod
     def from_config(cls, cfg: Any, config_path: Union[str, Path, None] = None) -> "YoloDetector":
@@ -268,7 +308,7 @@ class YoloDetector:
         unknown = [c for c in classes if c not in self.class_names]
         if unknown:
             raise ValueError(
-                f"{self.model_path}: classes {unknown} are not in the model's {len(self.class_names)} classes "
+                f"{self.model_path}: detector.classes {unknown} are not in the model's {len(self.class_names)} classes "
                 f"(e.g. {', '.join(self.class_names[:5])}...)"
             )
         return np.array(sorted({self.class_names.index(c) for c in classes}), np.int64)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -57,12 +57,7 @@ class Tracker:
         self.cfg = (cfg or TrackerConfig()).resolved()
         self._next_id = int(first_id)
         self._n = 0
-        self._gate = self.cfg.gating_threshold
-        if self.cfg.gate_position_only:
-            # Same chi-square quantile at 2 instead of 4 degrees of freedom. Closed forms:
-            # 1 - cdf4(x) = exp(-x/2) (1 + x/2) and ppf2(p) = -2 ln(1 - p).
-            x = self.cfg.gating_threshold
-            self._gate = x - 2.0 * math.log1p(x / 2.0)
+        self._gate = _gate(self.cfg)
         self._state = np.zeros((32, WIDTH))
         # Appearance pool, allocated when the first features arrive.
         self._feature_dim = 0
@@ -82,6 +77,48 @@ class Tracker:
     # ------------------------------------------------------------------------------------------ public
     def __len__(self) -> int:
         return self._n
+
+    def set_config(self, cfg: TrackerConfig) -> None:
+        """Switch to `cfg` between two frames without losing a track: ids, Kalman states, hits, ages and
+        misses all stay. Every parameter acts from the next `update` (a smaller max_age deletes tracks
+        already missed longer at that update; a smaller n_init confirms a tentative track at its next
+        hit). `cfg` must be resolved (`cfg.resolved(encoder suggestion)`): null max_cosine_distance is
+        refused rather than silently replaced by the generic default.
+
+        Settings that shape the appearance memory re-shape it, keeping what each track has learned:
+        - appearance_prototypes K -> K': the K' most recently updated prototypes are kept (the tracker's
+          own rule: it replaces the stalest), new ones start empty;
+        - nn_budget: each gallery keeps its most recent min(old, new budget) features;
+        - gallery -> EMA (feature_ema 0 -> > 0): the first prototype is the track's mean feature;
+        - EMA -> gallery, or ema_gallery_fallback switched on: the gallery is seeded with the track's
+          non-empty prototypes (most recent last) and the mean feature with their count-weighted sum;
+        - a memory the new settings do not use is dropped.
+        observation_reupdate switched on: each track's "last observation" is its current box run back
+        along its velocity to the frame it was last matched, with its current (wider) covariance.
+        """
+        if not isinstance(cfg, TrackerConfig):
+            raise TypeError(f"set_config needs a TrackerConfig, got {type(cfg).__name__}")
+        if cfg.max_cosine_distance is None:
+            raise ValueError(
+                "tracker.max_cosine_distance: set_config needs a resolved config (cfg.resolved(encoder "
+                "suggestion)); null would replace the encoder's calibrated gate with the generic default"
+            )
+        old, self.cfg = self.cfg, cfg
+        self._gate = _gate(cfg)
+        if cfg.observation_reupdate and not old.observation_reupdate:
+            self._seed_last_observation()
+        if self._feature_dim and any(getattr(old, k) != getattr(cfg, k) for k in _APPEARANCE_SHAPE_KEYS):
+            self._reshape_appearance()
+
+    def forget_appearance(self) -> None:
+        """Drop what every track has learned of its appearance, e.g. because the encoder model changed
+        (old and new features do not compare; `update` does it by itself when the dimension changes).
+        Tracks, ids and Kalman states stay; a track is associated on IoU, as one born while the encoder
+        was off, until it is matched again and learns its look from the new features."""
+        self._feature_dim = self._capacity = 0
+        self._free_slots = []
+        self._gallery = self._gallery_pos = self._feature_sum = self._has_feature = None
+        self._ema = self._feature_count = self._proto_stamp = None
 
     @property
     def state(self) -> np.ndarray:
@@ -110,6 +147,10 @@ class Tracker:
             if n_det == 0 or feats.shape[1] == 0:
                 feats = None
             elif self._feature_dim != feats.shape[1]:
+                if self._feature_dim:
+                    # Another encoder model (a live reconfiguration): its features do not compare with
+                    # the old ones. Dropping the memory keeps the tracks going.
+                    self.forget_appearance()
                 self._ensure_pool(feats.shape[1])
 
         n = self._n
@@ -250,10 +291,16 @@ class Tracker:
                 else:
                     used = min(self._gallery.shape[1], int(self._gallery_pos[slots].max()))
                     sub = cosine_distance_gallery(self._gallery[slots, :used], det_f)
-                # A track without any feature yet cannot be judged on appearance.
-                sub[~self._has_feature[slots]] = INFTY_COST
                 if cfg.motion_weight > 0:
                     sub = (1.0 - cfg.motion_weight) * sub + cfg.motion_weight * maha[live]
+                has = self._has_feature[slots]
+                if not has.all():
+                    # A track without any feature yet (born while the encoder was off) cannot be judged
+                    # on appearance: IoU as without features, scaled so that max_iou_distance maps to
+                    # this stage's threshold. With INFTY it could never be found again once missed.
+                    blind = np.nonzero(~has)[0]
+                    iou_cost = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks[live[blind]]), boxes[cols])
+                    sub[blind] = iou_cost * (threshold / cfg.max_iou_distance)
                 cost[live] = sub
         else:
             threshold = cfg.max_iou_distance
@@ -439,8 +486,6 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------ appearance
     def _ensure_pool(self, dim: int) -> None:
-        if self._feature_dim:
-            raise ValueError(f"Detections: feature dimension changed from {self._feature_dim} to {dim}")
         self._feature_dim = dim
         self._grow(64)
         # Tracks started before features arrived get slots now.
@@ -451,6 +496,60 @@ class Tracker:
             if self._ema is not None:
                 self._feature_count[slots] = 0.0
                 self._proto_stamp[slots] = -1.0
+
+    def _seed_last_observation(self) -> None:
+        """LAST_Z / LAST_STATE (kept only while observation_reupdate is on) for the live tracks. The mean
+        is exact: prediction keeps the velocity, so the box is just run back time_since_update steps."""
+        S = self._state[: self._n]
+        mean = S[:, MEAN].copy()
+        mean[:, 0:4] -= S[:, TSU, None] * mean[:, 4:8]
+        S[:, LAST_Z] = mean[:, 0:4]
+        S[:, LAST_STATE] = np.hstack([mean, S[:, COV]])
+
+    def _reshape_appearance(self) -> None:
+        """Re-shape the appearance pool to self.cfg (see `set_config` for what is kept). Works on every
+        slot: free slots are reset when they are handed out."""
+        cfg = self.cfg
+        cap, dim = self._capacity, self._feature_dim
+        use_ema = cfg.feature_ema > 0
+        use_gallery = not use_ema or cfg.ema_gallery_fallback
+        budget = cfg.nn_budget or 1000
+        ema, count, stamp, total = self._ema, self._feature_count, self._proto_stamp, self._feature_sum
+        gallery, gallery_pos = self._gallery, self._gallery_pos
+        if use_gallery:
+            if gallery is None:
+                # Seeded from the prototypes, oldest first, empty ones (stamp -1) skipped.
+                gallery, gallery_pos = _ring_from_prototypes(ema, count, stamp, budget)
+            elif gallery.shape[1] != budget:
+                gallery, gallery_pos = _resize_ring(gallery, gallery_pos, budget)
+        else:
+            gallery = gallery_pos = None
+        if use_ema:
+            k = cfg.appearance_prototypes
+            if ema is None:
+                # From gallery mode: one prototype, the mean feature, carrying the features seen so far.
+                ema = np.zeros((cap, k, dim), np.float32)
+                count = np.zeros((cap, k))
+                stamp = np.full((cap, k), -1.0)
+                mean = total / np.maximum(np.linalg.norm(total, axis=1, keepdims=True), 1e-12)
+                has = self._has_feature
+                ema[has, 0] = mean[has]
+                count[has, 0] = np.maximum(self._gallery_pos[has], 1)
+                stamp[has, 0] = self._frame
+            elif ema.shape[1] != k:
+                # The k most recent (empty ones have stamp -1), in their old order: argmax ties unchanged.
+                keep = np.sort(np.argsort(-stamp, axis=1, kind="stable")[:, :k], axis=1)
+                ema = _pad_axis1(np.take_along_axis(ema, keep[:, :, None], axis=1), k, 0.0)
+                count = _pad_axis1(np.take_along_axis(count, keep, axis=1), k, 0.0)
+                stamp = _pad_axis1(np.take_along_axis(stamp, keep, axis=1), k, -1.0)
+            total = None
+        else:
+            if total is None:
+                # Prototypes are normalised means of `count` features: their weighted sum ~ the feature sum.
+                total = np.einsum("ck,ckd->cd", count, ema.astype(np.float64))
+            ema = count = stamp = None
+        self._ema, self._feature_count, self._proto_stamp, self._feature_sum = ema, count, stamp, total
+        self._gallery, self._gallery_pos = gallery, gallery_pos
 
     def _grow(self, capacity: int) -> None:
         old = self._capacity
@@ -526,7 +625,52 @@ class Tracker:
         self._has_feature[slots] = True
 
 
+def _gate(cfg: TrackerConfig) -> float:
+    """Squared-Mahalanobis gate for the configured chi-square quantile and degrees of freedom."""
+    x = cfg.gating_threshold
+    if not cfg.gate_position_only:
+        return x
+    # Same chi-square quantile at 2 instead of 4 degrees of freedom. Closed forms:
+    # 1 - cdf4(x) = exp(-x/2) (1 + x/2) and ppf2(p) = -2 ln(1 - p).
+    return x - 2.0 * math.log1p(x / 2.0)
+
+
+def _pad_axis1(a: np.ndarray, k: int, fill: float) -> np.ndarray:
+    """`a` with axis 1 cut or padded (with `fill`) to length k."""
+    if a.shape[1] >= k:
+        return np.ascontiguousarray(a[:, :k])
+    pad = np.full((a.shape[0], k - a.shape[1]) + a.shape[2:], fill, a.dtype)
+    return np.concatenate([a, pad], axis=1)
+
+
+def _resize_ring(gallery: np.ndarray, pos: np.ndarray, budget: int,
+                 valid: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Ring-buffer galleries (C, B, D) with write positions `pos` (and at most `valid` real entries)
+    -> (C, budget, D) galleries holding each slot's most recent features, oldest first, and their
+    write positions (the number kept)."""
+    old = gallery.shape[1]
+    kept = np.minimum(np.minimum(pos, old), budget)
+    if valid is not None:
+        kept = np.minimum(kept, valid)
+    j = np.arange(budget)
+    src = (pos[:, None] - kept[:, None] + j[None, :]) % old  # the last `kept` writes, in order
+    out = np.take_along_axis(gallery, src[:, :, None], axis=1)
+    out[j[None, :] >= kept[:, None]] = 0.0
+    return out, kept.astype(np.int64)
+
+
+def _ring_from_prototypes(ema: np.ndarray, count: np.ndarray, stamp: np.ndarray, budget: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Galleries seeded with each slot's non-empty EMA prototypes, least recently updated first."""
+    order = np.argsort(stamp, axis=1, kind="stable")  # empty prototypes (stamp -1) come first
+    protos = np.take_along_axis(ema, order[:, :, None], axis=1)
+    k = ema.shape[1]
+    # As a full ring of k writes whose last `filled` entries are real.
+    return _resize_ring(protos, np.full(ema.shape[0], k, np.int64), budget, valid=(count > 0).sum(axis=1))
+
+
 _NONE = np.zeros(0, np.intp)
+# Settings that decide which appearance arrays exist and their shapes (see Tracker._reshape_appearance).
+_APPEARANCE_SHAPE_KEYS = ("feature_ema", "appearance_prototypes", "ema_gallery_fallback", "nn_budget")
 # Process noise for the covariance columns (var pos x4, cov x4, var vel x4): h^2-scaled part + constant.
 _Q_SCALED = kalman._Q_SCALED.reshape(12)
 _Q_CONST = kalman._Q_CONST.reshape(12)
