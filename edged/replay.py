@@ -53,8 +53,10 @@ class RecordedDetector:
     def n_frames(self) -> int:
         return max(self.by_frame) + 1 if self.by_frame else 0
 
-    def configure(self, cfg) -> None:  # detector.score_threshold changes live, as with the model
-        self.score_threshold = float(cfg.score_threshold)
+    def configure(self, *, score_threshold: Optional[float] = None, **_other) -> None:
+        """detector.score_threshold changes live, as with the model (the other keys mean nothing here)."""
+        if score_threshold is not None:
+            self.score_threshold = float(score_threshold)
 
     def detect_frame(self, frame: Frame) -> Detections:
         d = self.by_frame.get(frame.index % max(1, self.n_frames))

@@ -529,9 +529,6 @@ class Daemon:
                 log.warning("stats not queued (%d times): %s", self._stats_errors, exc)
 
     # ------------------------------------------------------------------------------------ remote config
-    LIVE_DETECTOR_KEYS = ("detector.score_threshold", "detector.nms_iou", "detector.classes", "detector.max_detections")
-    REBUILD_DETECTOR_KEYS = ("detector.model", "detector.input_size", "detector.threads", "detector.delegate",
-                             "detector.edgetpu_device")
     REBUILD_ENCODER_KEYS = ("encoder.model", "encoder.threads", "encoder.delegate", "encoder.edgetpu_device",
                             "encoder.batch_size")
 
@@ -546,18 +543,22 @@ class Daemon:
 
         p = self.pipeline
         assert p is not None
+        from edged.inference.yolo import split_changes
+
         # 1. Build, off the stage threads (model loading and opening a source take time).
+        live_detector, rebuild_detector = split_changes(old.detector, new.detector)
         new_model = None
-        if touched(*self.REBUILD_DETECTOR_KEYS):
+        if rebuild_detector and self.replay is None:
             from edged.inference.yolo import YoloDetector
 
             new_model = YoloDetector.from_config(new.detector, self.config_path)
             if list(new_model.class_names) != list(self.detector.class_names):
                 raise ValueError("detector.model: the new model has other classes than the running one; "
                                  "set it in the config file and restart edged")
-        encoder_wanted = new.encoder.enabled and new.tracker.use_appearance
+        encoder_wanted = new.encoder.enabled and new.tracker.use_appearance and self.replay is None
         new_encoder = self.encoder if encoder_wanted else None
-        if encoder_wanted and (self.encoder is None or touched(*self.REBUILD_ENCODER_KEYS)):
+        encoder_swapped = encoder_wanted and self.encoder is not None and touched(*self.REBUILD_ENCODER_KEYS)
+        if encoder_wanted and (self.encoder is None or encoder_swapped):
             from edged.inference.encoder import AppearanceEncoder
 
             new_encoder = AppearanceEncoder.from_config(new.encoder, self.config_path)
@@ -576,10 +577,9 @@ class Daemon:
         # 2. The inference stage's parts.
         def on_inference() -> None:
             if new_model is not None:
-                new_model.configure(new.detector)
                 self.detector, p.detector = new_model, FullFrameDetector(new_model)
-            elif touched(*self.LIVE_DETECTOR_KEYS):
-                self.detector.configure(new.detector)
+            elif live_detector:
+                self.detector.configure(**live_detector)
             self.encoder = p.encoder = new_encoder
             if new_capture is not None:
                 old_capture = self.capture
@@ -592,6 +592,8 @@ class Daemon:
         def on_tracking() -> None:
             if touched("tracker", "encoder") or tracker_cfg != self.tracker.cfg:
                 self.tracker.set_config(tracker_cfg)
+            if encoder_swapped:
+                self.tracker.forget_appearance()  # features of another model cannot be compared
             if touched("mqtt.qos_events", "mqtt.qos_tracks"):
                 from edged.mqtt.topics import Router
 
