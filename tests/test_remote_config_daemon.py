@@ -235,6 +235,28 @@ def test_config_push_round_trip_signed_accepted_tampered_rejected(tmp_path, brok
         sub.close()
 
 
+def test_fleet_overlay_applies_and_the_device_overlay_wins(tmp_path, broker, demo_video):
+    cfg = _config(tmp_path, broker.port, demo_video)
+    sub = Collector(broker.port, "edged/#")
+    out = _spawn(cfg)
+    try:
+        assert sub.wait_for(lambda ms: any(m.payload == b"online" for m in sub.on("/availability")), 90)
+        fleet = tmp_path / "fleet.yaml"
+        fleet.write_text("tracker:\n  max_age: 20\n  n_init: 4\n")
+        push = subprocess.run([sys.executable, "-m", "edged", "config", "push", "--config", str(cfg), "--fleet",
+                               str(fleet)], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert push.returncode == 0, push.stderr
+        report = json.loads(push.stdout)
+        assert (report["scope"], report["status"], report["applied"]) == ("fleet", "applied", {"fleet": 1, "device": 0})
+        _publish(broker.port, f"edged/{DEVICE}/config/desired", _desired(1, {"tracker": {"max_age": 55}}))
+        assert _wait_report(sub, 1)["changed"] == ["tracker.max_age"]
+        effective = sub.payloads("/config/effective")[-1]
+        assert (effective["tracker"]["max_age"], effective["tracker"]["n_init"]) == (55, 4)
+    finally:
+        out.stop()
+        sub.close()
+
+
 # ---------------------------------------------------------------------------------------------- fuzzing
 class FuzzTarget:
     """One daemon and broker for the whole fuzz run (hypothesis calls the test body 1,000 times)."""
