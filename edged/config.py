@@ -91,6 +91,34 @@ class CaptureConfig(_Section):
 Delegate = Literal["cpu", "edgetpu"]
 
 
+class MotionConfig(_Section):
+    """Motion-gated, region-based detection (edged/motion.py): the model looks only where something moved
+    or a live track is due for a look, on a canvas into which those regions are packed."""
+
+    enabled: bool = Field(True, description="false = the model looks at every whole frame (letterboxed).")
+    width: int = Field(160, ge=32, le=1920, description="Motion is measured on a grey copy this many pixels wide.")
+    threshold: float = Field(16.0, gt=0.0, le=255.0, description="Grey levels a pixel must differ from the background.")
+    background_alpha: float = Field(
+        0.02, gt=0.0, le=1.0, description="How fast the background follows the scene (per frame; larger = "
+        "something that stops moving becomes background sooner)."
+    )
+    min_area: float = Field(0.0005, ge=0.0, le=1.0, description="Smallest moving blob, as a fraction of the frame.")
+    region_margin: float = Field(0.25, ge=0.0, le=2.0, description="Regions grow by this fraction of their size on each side.")
+    track_interval_s: float = Field(
+        0.08, ge=0.0, le=60.0,
+        description="A moving track is looked at again after this long (the Kalman filter predicts it in "
+        "between); 0 = on every frame. New motion is always looked at at once.",
+    )
+    refresh_s: float = Field(
+        2.0, gt=0.0, le=3600.0, description="A still track is looked at again at least this often (it is kept "
+        "meanwhile: a frame that does not look at a track is not a miss for it)."
+    )
+    max_scale: float = Field(
+        1.0, gt=0.0, le=4.0, description="Regions are drawn on the model's canvas at up to this many canvas "
+        "pixels per frame pixel (never fewer than in a whole-frame letterbox)."
+    )
+
+
 class DetectorConfig(_Section):
     model: str = Field("models/yolov3-tiny-416-int8.tflite", description="TFLite detector file.")
     input_size: Optional[int] = Field(
@@ -103,6 +131,7 @@ class DetectorConfig(_Section):
     threads: int = Field(2, ge=1, le=64)
     delegate: Delegate = "cpu"
     edgetpu_device: str = Field("usb:0", description="Edge TPU device, e.g. usb:0 or pci:0.")
+    motion: MotionConfig = MotionConfig()
 
 
 class EncoderConfig(_Section):

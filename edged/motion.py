@@ -337,3 +337,49 @@ class RegionPlanner:
         if len(self._last_look) > 4 * max(16, len(view.ids)):  # forget ended tracks
             alive = set(int(i) for i in view.ids)
             self._last_look = {k: v for k, v in self._last_look.items() if k in alive}
+
+
+# ---------------------------------------------------------------------------------------------- detector
+class GatedDetector:
+    """The pipeline's detector part with motion gating: per frame, motion -> plan -> packed canvas ->
+    one model call (or none) -> detections in frame pixels with the examined regions.
+
+    `model` needs `input_size` ((h, w)), `macs` (per call) and `detect_canvas(rgb_canvas)` returning
+    Detections in canvas pixels; `view()` returns the newest TrackView the tracking stage published."""
+
+    def __init__(self, model, view, *, motion: MotionDetector, planner: RegionPlanner, max_scale: float = 1.0):
+        self.model = model
+        self.view = view
+        self.motion = motion
+        self.planner = planner
+        self.max_scale = max_scale
+        net_h, net_w = model.input_size
+        self._canvas = np.empty((net_h, net_w, 3), np.uint8)
+        self.calls = 0  # model invocations
+        self.frames = 0
+        self.macs = 0  # multiply-accumulates executed by the model so far
+        self.reasons: Dict[str, int] = {}
+
+    def detect_frame(self, frame: Frame) -> Detections:
+        self.frames += 1
+        w, h = frame.size
+        motion = self.motion.update(frame.image)
+        view = self.view()
+        plan = self.planner.plan(frame, motion, view)
+        for k, v in plan.reasons.items():
+            self.reasons[k] = self.reasons.get(k, 0) + v
+        if not len(plan.regions):
+            dets = Detections.empty()
+            dets.examined = np.zeros((0, 4), np.float32)
+            return dets
+        net_h, net_w = self.model.input_size
+        tiles = pack(plan.regions, w, h, net_w, net_h, max_scale=self.max_scale)
+        render(frame.image, tiles, net_w, net_h, self._canvas)
+        raw = self.model.detect_canvas(self._canvas)
+        self.calls += 1
+        self.macs += int(getattr(self.model, "macs", 0) or 0)
+        boxes, keep = unpack(raw.boxes, tiles)
+        dets = Detections(boxes, raw.scores[keep], raw.class_ids[keep])
+        dets.examined = np.array([t.region for t in tiles], np.float32)
+        self.planner.looked(view, frame, dets.examined)
+        return dets

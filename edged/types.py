@@ -35,6 +35,9 @@ class Detections:
     class_ids: np.ndarray  # (N,) int32
     features: Optional[np.ndarray] = None  # (N, D) float32, L2-normalised rows, or None
     frame_size: Optional[tuple] = None  # (w, h) of the frame, when known (lets tracks leave the frame)
+    # Regions (R, 4) x1 y1 x2 y2 the detector looked at; None = the whole frame. A track whose region was
+    # not looked at is not missed in this frame (motion-gated, region-based detection).
+    examined: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -52,7 +55,7 @@ class Detections:
         return Detections(
             self.boxes[keep], self.scores[keep], self.class_ids[keep],
             None if self.features is None else self.features[keep],
-            self.frame_size,
+            self.frame_size, self.examined,
         )
 
 

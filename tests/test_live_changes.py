@@ -25,8 +25,8 @@ from edged.types import Detections, TrackerStep, TrackSnapshot
 from conftest import ROOT, need_module, shared_path
 from test_tracker import check_bookkeeping
 
-DETECTOR = ROOT / "models" / "yolov3-tiny-416-int8.tflite"
-ENCODER = ROOT / "models" / "encoder.tflite"
+DETECTOR = ROOT / "edged" / "models" / "yolov3-tiny-416-int8.tflite"
+ENCODER = ROOT / "edged" / "models" / "encoder.tflite"
 TUD_SIZE = (640, 480)
 
 

@@ -157,6 +157,10 @@ class Tracker:
         S = self._state[:n]
         if n:
             self._predict(S)
+        # Tracks whose region the detector did not look at this frame: predicted only, not missed.
+        unseen = self._unseen(S, dets.examined) if n and dets.examined is not None else None
+        if unseen is not None:
+            S[unseen, TSU] -= 1.0
 
         # Boxes without area (or not finite) cannot be filtered in (x, y, a, h) space: never used.
         valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -170,11 +174,12 @@ class Tracker:
 
         match_det = np.full(n, -1, np.int64)
         confirmed = S[:, CONFIRMED] > 0
+        seen = ~unseen if unseen is not None else np.ones(n, bool)
         tsu = S[:, TSU]
         low_matched = _NONE
         if n and n_det:
             # Stage 1: confirmed tracks, appearance (or IoU without features), gated by motion.
-            rows = np.nonzero(confirmed)[0]
+            rows = np.nonzero(confirmed & seen)[0]
             cols = np.nonzero(det_free)[0]
             if rows.size and cols.size:
                 cost, threshold = self._first_stage_cost(S, rows, cols, boxes, z, det_classes, feats)
@@ -186,7 +191,7 @@ class Tracker:
                     match_det[rows[r]] = cols[c]
                     det_free[cols[c]] = False
             # Stage 2: IoU for tentative tracks and tracks missed in the previous frame only.
-            rows = np.nonzero((~confirmed | (tsu == 1)) & (match_det < 0))[0]
+            rows = np.nonzero((~confirmed | (tsu == 1)) & (match_det < 0) & seen)[0]
             if rows.size:
                 cols = np.nonzero(det_free)[0]
                 if cols.size:
@@ -201,7 +206,7 @@ class Tracker:
                         det_free[cols[c]] = False
             if cfg.second_association:
                 # Stage 3 (ByteTrack): occluded or blurred people score low but still overlap their track.
-                rows = np.nonzero(confirmed & (tsu == 1) & (match_det < 0))[0]
+                rows = np.nonzero(confirmed & (tsu == 1) & (match_det < 0) & seen)[0]
                 cols = np.nonzero(valid & (scores < high_threshold) & (scores >= cfg.low_score))[0]
                 if rows.size and cols.size:
                     r, c = self._iou_match(S, rows, cols, boxes, det_classes, SECOND_ASSOCIATION_MAX_IOU_DISTANCE)
@@ -219,7 +224,7 @@ class Tracker:
         # Deletion: tentative tracks on their first miss, confirmed ones after max_age misses.
         deleted: List[TrackSnapshot] = []
         if n:
-            dead = (match_det < 0) & ((S[:, CONFIRMED] == 0) | (S[:, TSU] > cfg.max_age))
+            dead = (match_det < 0) & seen & ((S[:, CONFIRMED] == 0) | (S[:, TSU] > cfg.max_age))
             if cfg.exit_outside_frame and dets.frame_size is not None:
                 # A missed track whose predicted box has left the frame entirely is gone: keeping it
                 # for max_age frames only delays its exit (and lets it grab whoever enters there next).
@@ -239,6 +244,22 @@ class Tracker:
             self._start_tracks(new_dets, z, scores, det_classes, feats)
 
         return TrackerStep(tracks=self.live_tracks(), confirmed=confirmed_ids, deleted=deleted)
+
+    @staticmethod
+    def _unseen(S: np.ndarray, examined: np.ndarray) -> np.ndarray:
+        """Tracks whose predicted box centre lies in none of the examined regions."""
+        regions = np.asarray(examined, np.float64).reshape(-1, 4)
+        if not regions.shape[0]:
+            return np.ones(S.shape[0], bool)
+        x, y = S[:, 0:1], S[:, 1:2]
+        inside = (x >= regions[:, 0]) & (x <= regions[:, 2]) & (y >= regions[:, 1]) & (y <= regions[:, 3])
+        return ~inside.any(axis=1)
+
+    def view(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Every live track (tentative ones too) as (ids, boxes x1 y1 x2 y2, centre velocity in pixels per
+        frame, confirmed): what region-based detection needs to know where to look next."""
+        S = self._state[: self._n]
+        return (S[:, ID].astype(np.int64), kalman.xyah_to_boxes(S), S[:, 4:6].copy(), S[:, CONFIRMED] > 0)
 
     @property
     def next_id(self) -> int:
