@@ -136,6 +136,12 @@ class DetectorConfig(_Section):
 
 class EncoderConfig(_Section):
     enabled: bool = True
+    mode: Literal["always", "ambiguous"] = Field(
+        "ambiguous",
+        description="always = describe every detection; ambiguous = only those whose association needs "
+        "appearance (more than one gated candidate, none, a track returning after a miss, or a track whose "
+        "appearance is older than tracker.appearance_refresh_frames).",
+    )
     model: str = Field("models/encoder.tflite", description="TFLite appearance (re-ID) encoder file.")
     threads: int = Field(2, ge=1, le=64)
     delegate: Delegate = "cpu"
@@ -217,6 +223,12 @@ class TrackerConfig(_Section):
         False,
         description="OC-SORT: when a lost track is found again, replay the Kalman filter along a straight "
         "virtual path from its last observation instead of trusting the drifted prediction.",
+    )
+
+    appearance_refresh_frames: int = Field(
+        10, ge=1, le=10000,
+        description="With lazy appearance (encoder.mode: ambiguous), a track's appearance is refreshed at "
+        "least every this many frames even when its association is unambiguous.",
     )
 
     exit_outside_frame: bool = Field(

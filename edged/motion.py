@@ -355,13 +355,12 @@ class GatedDetector:
         self.max_scale = max_scale
         net_h, net_w = model.input_size
         self._canvas = np.empty((net_h, net_w, 3), np.uint8)
-        self.calls = 0  # model invocations
-        self.frames = 0
-        self.macs = 0  # multiply-accumulates executed by the model so far
+        self.macs_per_call = int(getattr(model, "macs", 0) or 0)
+        self.last_calls = 0  # model invocations for the last frame (0 or 1)
         self.reasons: Dict[str, int] = {}
 
     def detect_frame(self, frame: Frame) -> Detections:
-        self.frames += 1
+        self.last_calls = 0
         w, h = frame.size
         motion = self.motion.update(frame.image)
         view = self.view()
@@ -376,8 +375,7 @@ class GatedDetector:
         tiles = pack(plan.regions, w, h, net_w, net_h, max_scale=self.max_scale)
         render(frame.image, tiles, net_w, net_h, self._canvas)
         raw = self.model.detect_canvas(self._canvas)
-        self.calls += 1
-        self.macs += int(getattr(self.model, "macs", 0) or 0)
+        self.last_calls = 1
         boxes, keep = unpack(raw.boxes, tiles)
         dets = Detections(boxes, raw.scores[keep], raw.class_ids[keep])
         dets.examined = np.array([t.region for t in tiles], np.float32)

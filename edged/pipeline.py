@@ -156,6 +156,9 @@ class PipelineCounters:
     frames_processed: int = 0  # frames through the tracking stage
     events: int = 0  # event records the sink took
     detections: int = 0  # detections handed to the tracker
+    detector_calls: int = 0  # model invocations (motion gating: none on a still frame)
+    encoded: int = 0  # detections described by the appearance encoder
+    macs: int = 0  # multiply-accumulates the detector and the encoder executed
     last_frame_at: float = 0.0  # monotonic time the last frame left the tracking stage (0 = none yet)
     stage_ms: Dict[str, float] = field(default_factory=dict)  # exponential moving averages
 
@@ -178,6 +181,7 @@ class Pipeline:
         make_engine: EngineFactory,
         sink: Sink,
         encoder: Optional[Encoder] = None,
+        encode_lazily: bool = False,
         source_fps: Callable[[], Optional[float]] = lambda: None,
         observers: Sequence[StepObserver] = (),
         handoff_size: int = 4,
@@ -187,6 +191,10 @@ class Pipeline:
         self.source = source
         self.detector = detector
         self.encoder = encoder
+        # Lazy appearance: the tracker asks for the features it needs (Detections.encode), on the tracking
+        # thread; otherwise every detection is encoded on the inference thread.
+        self.encode_lazily = encode_lazily
+        self._encoder_lock = threading.Lock()
         self.tracker = tracker
         self.engine: Optional[EventEngine] = None
         self.sink = sink
@@ -219,12 +227,36 @@ class Pipeline:
         dets = self.detector.detect_frame(frame)
         dets.frame_size = frame.size
         t1 = self._clock()
-        self.counters.add_time("detect", (t1 - t0) * 1e3)
-        self.counters.detections += len(dets)
-        if self.encoder is not None and len(dets):
-            dets.features = self.encoder.encode(frame.image, dets.boxes)
-            self.counters.add_time("encode", (self._clock() - t1) * 1e3)
+        c = self.counters
+        c.add_time("detect", (t1 - t0) * 1e3)
+        c.detections += len(dets)
+        calls = int(getattr(self.detector, "last_calls", 1))
+        c.detector_calls += calls
+        c.macs += calls * int(getattr(self.detector, "macs_per_call", 0) or 0)
+        encoder = self.encoder
+        if encoder is not None and len(dets):
+            if self.encode_lazily:
+                dets.encode = self._lazy_encoder(encoder, frame, dets.boxes)
+            else:
+                dets.features = self._encode(encoder, frame.image, dets.boxes)
+                self.counters.add_time("encode", (self._clock() - t1) * 1e3)
         return Detected(frame, dets)
+
+    def _encode(self, encoder: Encoder, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        with self._encoder_lock:  # lazily encoding on the tracking thread and eagerly here never overlap
+            feats = encoder.encode(image, boxes)
+        self.counters.encoded += len(boxes)
+        self.counters.macs += len(boxes) * int(getattr(encoder, "macs", 0) or 0)
+        return feats
+
+    def _lazy_encoder(self, encoder: Encoder, frame: Frame, boxes: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        def encode(indices: np.ndarray) -> np.ndarray:
+            t0 = self._clock()
+            feats = self._encode(encoder, frame.image, boxes[indices])
+            self.counters.add_time("encode", (self._clock() - t0) * 1e3)
+            return feats
+
+        return encode
 
     def run_inference(self, stop: threading.Event, poll_s: float = 0.2) -> None:
         """Source -> detect/encode -> hand-off, until the source finishes, max_frames, or `stop`."""

@@ -35,7 +35,8 @@ class RecordedDetector:
         self.by_frame = by_frame
         self.class_names = list(class_names)
         self.score_threshold = score_threshold
-        self.macs = 0  # nothing is executed
+        self.last_calls = 0  # no model runs
+        self.macs_per_call = 0
 
     @classmethod
     def from_mot(cls, path: Union[str, Path], class_names: Sequence[str], *, class_id: int = 0,

@@ -220,13 +220,33 @@ class MotWriter:
 
 
 class FullFrameDetector:
-    """The pipeline's detector part: the model on every whole frame."""
+    """The pipeline's detector part without motion gating: the model on every whole frame."""
+
+    last_calls = 1
 
     def __init__(self, model: Any):
         self.model = model
+        self.macs_per_call = int(getattr(model, "macs", 0) or 0)
 
     def detect_frame(self, frame: Frame) -> Detections:
         return self.model.detect(frame.image)
+
+
+def frame_detector(model: Any, cfg: EdgedConfig, view: Callable[[], Any]) -> Any:
+    """The detector part the config asks for: motion-gated regions (detector.motion.enabled) or the
+    model on every whole frame."""
+    m = cfg.detector.motion
+    if not m.enabled:
+        return FullFrameDetector(model)
+    from edged.motion import GatedDetector, MotionDetector, RegionPlanner
+
+    return GatedDetector(
+        model, view,
+        motion=MotionDetector(width=m.width, threshold=m.threshold, alpha=m.background_alpha, min_area=m.min_area),
+        planner=RegionPlanner(region_margin=m.region_margin, track_interval_s=m.track_interval_s,
+                              refresh_s=m.refresh_s),
+        max_scale=m.max_scale,
+    )
 
 
 class CaptureFeed:
@@ -269,6 +289,7 @@ class Daemon:
         self._remote_problem = remote_problem
         self.remote = None  # RemoteConfigStage when remote configuration is on
         self._frame_tick = threading.Condition()
+        self._track_view: Any = None
         self.config_path = config_path
         self.source_override = source_override
         self.mqtt_enabled = mqtt_enabled
@@ -327,13 +348,13 @@ class Daemon:
 
             self.detector, self.capture = build_replay(self.replay, cfg)
             self.source = self.capture.source
-            frame_detector: Any = self.detector
+            detector_part: Any = self.detector
         else:
             from edged.capture import CaptureThread, open_source
             from edged.inference.yolo import YoloDetector
 
             self.detector = YoloDetector.from_config(cfg.detector, self.config_path)
-            frame_detector = FullFrameDetector(self.detector)
+            detector_part = frame_detector(self.detector, cfg, self.track_view)
             if cfg.encoder.enabled and cfg.tracker.use_appearance:
                 from edged.inference.encoder import AppearanceEncoder
 
@@ -379,16 +400,26 @@ class Daemon:
 
         self.sink = OutboxSink(self.outbox, self.router, print_events=self.print_events, on_event=self.on_event)
         self.pipeline = Pipeline(
-            source=CaptureFeed(self.capture), detector=frame_detector, encoder=self.encoder,
+            source=CaptureFeed(self.capture), detector=detector_part, encoder=self.encoder,
+            encode_lazily=cfg.encoder.mode == "ambiguous",
             tracker=self.tracker, make_engine=make_engine, sink=self.sink, source_fps=source_fps,
             observers=observers, max_frames=self.max_frames,
         )
         if self.publisher is not None and cfg.remote_config.enabled:
             self._build_remote_config()
 
-    def _tick(self, _frame: Frame, _step: TrackerStep, _dets: Detections) -> None:
+    def _tick(self, frame: Frame, _step: TrackerStep, _dets: Detections) -> None:
+        from edged.motion import TrackView
+
+        self._track_view = TrackView(frame.index, *self.tracker.view())
         with self._frame_tick:
             self._frame_tick.notify_all()
+
+    def track_view(self) -> Any:
+        """The live tracks as the tracking stage last saw them (read by the inference stage)."""
+        from edged.motion import TrackView
+
+        return self._track_view if self._track_view is not None else TrackView.empty()
 
     def _build_remote_config(self) -> None:
         from edged.remote_config import (

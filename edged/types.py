@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -38,6 +38,9 @@ class Detections:
     # Regions (R, 4) x1 y1 x2 y2 the detector looked at; None = the whole frame. A track whose region was
     # not looked at is not missed in this frame (motion-gated, region-based detection).
     examined: Optional[np.ndarray] = None
+    # Lazy appearance: encode(indices) -> (k, D) features of those detections, called by the tracker for
+    # the detections whose association needs appearance (None: `features` holds them all, or none).
+    encode: Optional[Callable[[np.ndarray], np.ndarray]] = None
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -55,7 +58,7 @@ class Detections:
         return Detections(
             self.boxes[keep], self.scores[keep], self.class_ids[keep],
             None if self.features is None else self.features[keep],
-            self.frame_size, self.examined,
+            self.frame_size, self.examined,  # `encode` refers to the full set's indices: not carried over
         )
 
 

@@ -72,6 +72,8 @@ class Tracker:
         self._feature_count: Optional[np.ndarray] = None  # (C, K)
         self._proto_stamp: Optional[np.ndarray] = None  # (C, K)
         self._frame = 0
+        self._tick = 0  # updates so far (lazy appearance: how stale a track's appearance is)
+        self._feature_tick: Optional[np.ndarray] = None  # (C,) update of the last feature
         self._has_feature: Optional[np.ndarray] = None  # (C,) any feature seen yet
 
     # ------------------------------------------------------------------------------------------ public
@@ -118,7 +120,7 @@ class Tracker:
         self._feature_dim = self._capacity = 0
         self._free_slots = []
         self._gallery = self._gallery_pos = self._feature_sum = self._has_feature = None
-        self._ema = self._feature_count = self._proto_stamp = None
+        self._ema = self._feature_count = self._proto_stamp = self._feature_tick = None
 
     @property
     def state(self) -> np.ndarray:
@@ -140,6 +142,10 @@ class Tracker:
                 f"{det_classes.shape}; all must be ({n_det},)"
             )
         feats = dets.features if cfg.use_appearance else None
+        # Lazy appearance: features only for the detections whose association needs them (see
+        # _needs_features); `encode(indices)` is called once per frame, after gating.
+        encode = getattr(dets, "encode", None) if cfg.use_appearance and feats is None else None
+        self._tick += 1
         if feats is not None:
             feats = np.asarray(feats, np.float32)
             if feats.ndim != 2 or feats.shape[0] != n_det:
@@ -171,6 +177,21 @@ class Tracker:
             high_threshold = max(cfg.min_confidence, cfg.high_score)
         det_free = valid & (scores >= high_threshold)
         z = kalman.boxes_to_xyah(boxes) if n_det else np.zeros((0, 4))
+        det_has: Optional[np.ndarray] = None  # which detections carry a feature (None: all, or none)
+        if encode is not None and det_free.any():
+            need = self._needs_features(S, unseen, det_free, z, det_classes) if n else det_free.copy()
+            idx = np.nonzero(need)[0]
+            if idx.size:
+                got = np.asarray(encode(idx), np.float32)
+                if got.ndim != 2 or got.shape[0] != idx.size:
+                    raise ValueError(f"Detections.encode: expected ({idx.size}, D) features, got {got.shape}")
+                if self._feature_dim != got.shape[1]:
+                    if self._feature_dim:
+                        self.forget_appearance()
+                    self._ensure_pool(got.shape[1])
+                feats = np.zeros((n_det, got.shape[1]), np.float32)
+                feats[idx] = got
+                det_has = need
 
         match_det = np.full(n, -1, np.int64)
         confirmed = S[:, CONFIRMED] > 0
@@ -182,7 +203,7 @@ class Tracker:
             rows = np.nonzero(confirmed & seen)[0]
             cols = np.nonzero(det_free)[0]
             if rows.size and cols.size:
-                cost, threshold = self._first_stage_cost(S, rows, cols, boxes, z, det_classes, feats)
+                cost, threshold = self._first_stage_cost(S, rows, cols, boxes, z, det_classes, feats, det_has)
                 if cfg.matching_cascade:
                     r, c = matching_cascade(cost, tsu[rows], threshold, cfg.max_age)
                 else:
@@ -199,7 +220,7 @@ class Tracker:
                     check = feats is not None and cfg.iou_stage_max_cosine < 2.0
                     r, c = self._iou_match(
                         S, rows, cols, boxes, det_classes, cfg.max_iou_distance,
-                        feats if check else None, confirmed[rows] if check else None,
+                        feats if check else None, confirmed[rows] if check else None, det_has,
                     )
                     if r.size:
                         match_det[rows[r]] = cols[c]
@@ -216,7 +237,7 @@ class Tracker:
         matched = np.nonzero(match_det >= 0)[0]
         confirmed_ids: List[int] = []
         if matched.size:
-            newly = self._apply_matches(S, matched, match_det[matched], z, scores, feats, low_matched)
+            newly = self._apply_matches(S, matched, match_det[matched], z, scores, feats, low_matched, det_has)
             if newly.size:
                 S[newly, CONFIRMED] = 1.0
                 confirmed_ids = S[newly, ID].astype(np.int64).tolist()
@@ -241,9 +262,33 @@ class Tracker:
 
         new_dets = np.nonzero(det_free)[0]
         if new_dets.size:
-            self._start_tracks(new_dets, z, scores, det_classes, feats)
+            self._start_tracks(new_dets, z, scores, det_classes, feats, det_has)
 
         return TrackerStep(tracks=self.live_tracks(), confirmed=confirmed_ids, deleted=deleted)
+
+    def _needs_features(self, S, unseen, det_free, z, det_classes) -> np.ndarray:
+        """Which confident detections the appearance encoder must describe (lazy appearance): those with
+        no gated confirmed track (a new object, or one the tracker lost), with more than one (ambiguous),
+        or with a candidate that returns after a miss, has no appearance yet, or has not had a feature
+        for cfg.appearance_refresh_frames updates. One confirmed track alone in its gate is matched on
+        motion and IoU, as the cascade would match it anyway."""
+        cfg = self.cfg
+        rows = np.nonzero((S[:, CONFIRMED] > 0) & (True if unseen is None else ~unseen))[0]
+        cols = np.nonzero(det_free)[0]
+        need = det_free.copy()
+        if not rows.size or not cols.size:
+            return need
+        tracks = S[rows]
+        maha = kalman.gating_distance(tracks[:, MEAN], tracks[:, COV].reshape(-1, 3, 4), z[cols], cfg.gate_position_only)
+        allowed = (maha <= self._gate) & (tracks[:, CLASS][:, None] == det_classes[cols][None, :])
+        if self._feature_dim:
+            slots = tracks[:, SLOT].astype(np.intp)
+            stale = ~self._has_feature[slots] | (self._tick - self._feature_tick[slots] >= cfg.appearance_refresh_frames)
+        else:
+            stale = np.ones(rows.size, bool)
+        special = (tracks[:, TSU] > 1) | stale
+        need[cols] = (allowed.sum(axis=0) != 1) | (allowed & special[:, None]).any(axis=0)
+        return need
 
     @staticmethod
     def _unseen(S: np.ndarray, examined: np.ndarray) -> np.ndarray:
@@ -285,7 +330,7 @@ class Tracker:
         S[:, COV] += h2[:, None] * _Q_SCALED + _Q_CONST
         S[:, AGE:TSU + 1] += 1.0  # age and time since update
 
-    def _first_stage_cost(self, S, rows, cols, boxes, z, det_classes, feats):
+    def _first_stage_cost(self, S, rows, cols, boxes, z, det_classes, feats, det_has=None):
         cfg = self.cfg
         tracks = S[rows]
         maha = kalman.gating_distance(
@@ -322,6 +367,12 @@ class Tracker:
                     blind = np.nonzero(~has)[0]
                     iou_cost = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks[live[blind]]), boxes[cols])
                     sub[blind] = iou_cost * (threshold / cfg.max_iou_distance)
+                if det_has is not None and not det_has[cols].all():
+                    # Detections not encoded (lazy appearance: their association was unambiguous):
+                    # judged like featureless tracks, on IoU scaled to this stage's threshold.
+                    plain = np.nonzero(~det_has[cols])[0]
+                    iou_cost = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks[live]), boxes[cols[plain]])
+                    sub[:, plain] = iou_cost * (threshold / cfg.max_iou_distance)
                 cost[live] = sub
         else:
             threshold = cfg.max_iou_distance
@@ -357,22 +408,23 @@ class Tracker:
         d[~self._has_feature[slots]] = 0.0
         return d
 
-    def _iou_match(self, S, rows, cols, boxes, det_classes, max_distance, feats=None, check=None):
+    def _iou_match(self, S, rows, cols, boxes, det_classes, max_distance, feats=None, check=None, det_has=None):
         """IoU association; with `feats`, rows flagged in `check` only take detections whose appearance
-        is within cfg.iou_stage_max_cosine."""
+        is within cfg.iou_stage_max_cosine (detections without a feature are not checked)."""
         tracks = S[rows]
         cost = 1.0 - iou_matrix(kalman.xyah_to_boxes(tracks), boxes[cols])
         cost[tracks[:, CLASS][:, None] != det_classes[cols][None, :]] = INFTY_COST
         if feats is not None:
             limit = self.cfg.iou_stage_max_cosine
-            pi, pj = np.nonzero((cost <= max_distance) & check[:, None])
+            judged = check[:, None] if det_has is None else check[:, None] & det_has[cols][None, :]
+            pi, pj = np.nonzero((cost <= max_distance) & judged)
             if pi.size:
                 d = self._pair_distance(tracks[pi, SLOT].astype(np.intp), feats[cols[pj]], limit)
                 bad = d > limit
                 cost[pi[bad], pj[bad]] = INFTY_COST
         return min_cost_matching(cost, max_distance)
 
-    def _apply_matches(self, S, rows, det_idx, z, scores, feats, low_matched) -> np.ndarray:
+    def _apply_matches(self, S, rows, det_idx, z, scores, feats, low_matched, det_has=None) -> np.ndarray:
         """Kalman update + counters of the matched tracks; returns the rows that become confirmed."""
         cfg = self.cfg
         tracks = S[rows]
@@ -406,6 +458,9 @@ class Tracker:
                 # Low-score detections are often partly occluded: keep them out of the appearance model.
                 keep = ~np.isin(rows, low_matched)
                 slots, det_idx = slots[keep], det_idx[keep]
+            if det_has is not None:
+                keep = det_has[det_idx]
+                slots, det_idx = slots[keep], det_idx[keep]
             if slots.size:
                 self._add_features(slots, feats[det_idx])
         return rows[(tracks[:, CONFIRMED] == 0) & (tracks[:, HITS] >= cfg.n_init)]
@@ -425,7 +480,7 @@ class Tracker:
         return mean, cov
 
     # ------------------------------------------------------------------------------------------ tracks
-    def _start_tracks(self, det_idx, z, scores, det_classes, feats) -> None:
+    def _start_tracks(self, det_idx, z, scores, det_classes, feats, det_has=None) -> None:
         k = det_idx.size
         n = self._n
         if n + k > self._state.shape[0]:
@@ -462,7 +517,9 @@ class Tracker:
             if self._feature_sum is not None:
                 self._feature_sum[slots] = 0.0
             if feats is not None:
-                self._add_features(slots, feats[det_idx], new_tracks=True)
+                keep = np.ones(k, bool) if det_has is None else det_has[det_idx]
+                if keep.any():
+                    self._add_features(slots[keep], feats[det_idx[keep]], new_tracks=True)
 
     def _remove(self, dead: np.ndarray) -> None:
         S = self._state[: self._n]
@@ -583,6 +640,7 @@ class Tracker:
             return new
 
         self._has_feature = grown(self._has_feature, (capacity,), bool)
+        self._feature_tick = grown(self._feature_tick, (capacity,), np.float64)
         if self.cfg.feature_ema > 0:
             k = self.cfg.appearance_prototypes
             self._ema = grown(self._ema, (capacity, k, d), np.float32)
@@ -644,6 +702,7 @@ class Tracker:
             self._gallery[slots, pos % budget] = feats
             self._gallery_pos[slots] = pos + 1
         self._has_feature[slots] = True
+        self._feature_tick[slots] = self._tick
 
 
 def _gate(cfg: TrackerConfig) -> float:
