@@ -578,6 +578,8 @@ class Daemon:
 
         # 1. Build, off the stage threads (model loading and opening a source take time).
         live_detector, rebuild_detector = split_changes(old.detector, new.detector)
+        motion_changed = "motion" in rebuild_detector  # the detector part changes, not the model
+        rebuild_detector = [k for k in rebuild_detector if k != "motion"]
         new_model = None
         if rebuild_detector and self.replay is None:
             from edged.inference.yolo import YoloDetector
@@ -608,10 +610,13 @@ class Daemon:
         # 2. The inference stage's parts.
         def on_inference() -> None:
             if new_model is not None:
-                self.detector, p.detector = new_model, FullFrameDetector(new_model)
+                self.detector = new_model
             elif live_detector:
                 self.detector.configure(**live_detector)
+            if (new_model is not None or motion_changed) and self.replay is None:
+                p.detector = frame_detector(self.detector, new, self.track_view)
             self.encoder = p.encoder = new_encoder
+            p.encode_lazily = new.encoder.mode == "ambiguous"
             if new_capture is not None:
                 old_capture = self.capture
                 old_capture.stop()
