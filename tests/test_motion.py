@@ -101,3 +101,33 @@ def test_merge_overlapping_regions():
     assert merge_overlapping(boxes).tolist() == [[0.0, 0.0, 40.0, 40.0]]
     assert len(merge_overlapping(np.array([[0, 0, 1, 1], [2, 2, 3, 3]], float))) == 2
     assert Tile((0, 0, 10, 20), 0, 0, 2.0).size == (20, 40)
+
+
+def test_a_track_whose_region_was_not_examined_is_not_missed():
+    from edged.config import TrackerConfig
+    from edged.tracking.tracker import Tracker
+    from edged.types import Detections
+
+    tracker = Tracker(TrackerConfig(use_appearance=False, max_age=30))
+    box = np.array([[100.0, 100, 150, 250]], np.float32)
+    for _ in range(5):
+        tracker.update(Detections(box.copy(), np.array([0.9], np.float32), np.array([0], np.int32)))
+    (track,) = tracker.live_tracks()
+    elsewhere = np.array([[400.0, 0, 640, 480]], np.float32)
+    for _ in range(100):  # far beyond max_age: the detector looked only elsewhere
+        d = Detections.empty()
+        d.examined = elsewhere
+        step = tracker.update(d)
+    (still,) = step.tracks
+    assert still.track_id == track.track_id and still.time_since_update == 0 and not step.deleted
+    nothing = Detections.empty()
+    nothing.examined = np.zeros((0, 4), np.float32)  # no model call at all
+    assert tracker.update(nothing).tracks[0].time_since_update == 0
+    # Looked at, and not found: a real miss, and after max_age misses the track is gone.
+    for k in range(31):
+        d = Detections.empty()
+        d.examined = np.array([[0.0, 0, 640, 480]], np.float32)
+        step = tracker.update(d)
+        if step.deleted:
+            break
+    assert step.deleted and step.deleted[0].track_id == track.track_id and k == 30
