@@ -101,8 +101,20 @@ class DetectorConfig(_Section):
     classes: List[str] = Field(["person"], description="Class allow-list by name; empty = all classes.")
     max_detections: int = Field(100, ge=1, le=1000)
     threads: int = Field(2, ge=1, le=64)
-    delegate: Delegate = "cpu"
+    backend: str = Field(
+        "tflite", description="What runs the network: tflite (CPU, XNNPACK) or edgetpu (TFLite + the Edge TPU "
+        "delegate, a model compiled by edgetpu_compiler); docs/detector-backends.md adds others.",
+    )
     edgetpu_device: str = Field("usb:0", description="Edge TPU device, e.g. usb:0 or pci:0.")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from edged.inference import backends  # numpy only: no runtime is imported
+
+        if name not in backends.REGISTRY:
+            raise ValueError(f"unknown detector backend {name!r}; known backends: {', '.join(backends.known())}")
+        return name
 
 
 class EncoderConfig(_Section):

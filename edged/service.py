@@ -508,7 +508,7 @@ class Daemon:
 
     # ------------------------------------------------------------------------------------ remote config
     LIVE_DETECTOR_KEYS = ("detector.score_threshold", "detector.nms_iou", "detector.classes", "detector.max_detections")
-    REBUILD_DETECTOR_KEYS = ("detector.model", "detector.input_size", "detector.threads", "detector.delegate",
+    REBUILD_DETECTOR_KEYS = ("detector.model", "detector.input_size", "detector.threads", "detector.backend",
                              "detector.edgetpu_device")
     REBUILD_ENCODER_KEYS = ("encoder.model", "encoder.threads", "encoder.delegate", "encoder.edgetpu_device",
                             "encoder.batch_size")

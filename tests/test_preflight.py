@@ -17,7 +17,7 @@ from edged import exitcodes
 from edged.config import load_config
 from edged.preflight import Problem, exit_code, preflight
 
-ENCODER = ROOT / "models" / "encoder.tflite"
+ENCODER = ROOT / "edged" / "models" / "encoder.tflite"
 
 
 def _config(tmp_path: Path, **sections: Any) -> Path:
