@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -106,6 +107,27 @@ class DetectorConfig(_Section):
         "delegate, a model compiled by edgetpu_compiler); docs/detector-backends.md adds others.",
     )
     edgetpu_device: str = Field("usb:0", description="Edge TPU device, e.g. usb:0 or pci:0.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_delegate_key(cls, data: Any) -> Any:
+        # detector.delegate (cpu | edgetpu) was replaced by detector.backend: configs written for an older
+        # edged still start (a device upgraded in the field must not stop on it), with a warning.
+        if not isinstance(data, dict) or "delegate" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("delegate")
+        new = {"cpu": "tflite", "edgetpu": "edgetpu"}.get(old) if isinstance(old, str) else None
+        if new is None:
+            raise ValueError(f"detector.delegate: {old!r} is not cpu or edgetpu (and the key is now detector.backend: "
+                             "tflite | edgetpu)")
+        if "backend" in data and data["backend"] != new:
+            raise ValueError(f"detector.delegate ({old}) contradicts detector.backend ({data['backend']}): "
+                             "delegate is the old name of backend, remove it")
+        data["backend"] = new
+        logging.getLogger("edged.config").warning(
+            "detector.delegate: %s is deprecated, write detector.backend: %s instead", old, new)
+        return data
 
     @field_validator("backend")
     @classmethod
