@@ -7,8 +7,10 @@ classes 2/7/8/12 neither count as misses nor as false positives) and on the TUD-
 frames, video frame i = gt frame i+1, every MOT15 gt row is a considered person).
 
 Models compared (converted once into --cache from ../shared/models/yolov3-tiny with the project's
-converter, except the committed one):
+converter, except the committed ones; --models picks some):
   int8-committed     edged/models/yolov3-tiny-416-int8.tflite (uint8 I/O, calibrated on skimage photos + demo scene)
+  int8-320-committed edged/models/yolov3-tiny-320-int8.tflite (same recipe at 320x320)
+  float32-320        the float reference at 320x320
   int8-io-int8       same calibration, int8 I/O
   int8-skimage-only  uint8 I/O calibrated on the 10 skimage photos only
   int8-mot17         uint8 I/O calibrated on the MOT17-mini frames (calibration-set sensitivity)
@@ -16,7 +18,9 @@ converter, except the committed one):
   opencv-fp32     cv2.dnn.readNetFromDarknet on the same weights (blobFromImage, forward, NMS)
 
 Speed: pre + invoke + post per frame, models interleaved frame by frame in one run so they share the
-machine's load; median and p90 over the TUD frames (640x480) and the MOT17 1080p frames.
+machine's load; median and p90 over the TUD frames (640x480) and the MOT17 1080p frames. Beside each
+time: the model's GMAC per frame (multiply-accumulates counted from its graph, one invocation per
+frame), the device-independent cost, and the GMAC/s this machine achieved.
 """
 
 from __future__ import annotations
@@ -43,13 +47,16 @@ MOT17 = SHARED / "data" / "MOT17-mini"
 TUD_VIDEO = SHARED / "data" / "video" / "MOT15-TUD-Stadtmitte.mp4"
 TUD_GT = SHARED / "data" / "mot15" / "TUD-Stadtmitte" / "gt" / "gt.txt"
 COMMITTED = ROOT / "edged" / "models" / "yolov3-tiny-416-int8.tflite"
+COMMITTED_320 = ROOT / "edged" / "models" / "yolov3-tiny-320-int8.tflite"
+ALL_MODELS = ("int8-committed", "int8-320-committed", "int8-io-int8", "int8-skimage-only", "int8-mot17", "float32",
+              "float32-320", "opencv-fp32")
 
 
-def convert(out: Path, quant: str, calib: List[str]) -> Path:
+def convert(out: Path, quant: str, calib: List[str], size: int = 416) -> Path:
     if out.exists():
         return out
     cmd = [sys.executable, "-m", "edged", "models", "convert", "--cfg", str(YT / "yolov3-tiny.cfg"),
-           "--weights", str(YT / "yolov3-tiny.weights"), "--names", str(YT / "coco.names"), "--size", "416",
+           "--weights", str(YT / "yolov3-tiny.weights"), "--names", str(YT / "coco.names"), "--size", str(size),
            "--quant", quant, "--out", str(out), "--max-calib", "64", "--yolo-mask", "1=1,2,3"]
     for c in calib:
         cmd += ["--calib", c]
@@ -152,12 +159,18 @@ def main() -> int:
     ap.add_argument("--cache", default="/tmp/edged-bench-detector", help="converted comparison models")
     ap.add_argument("--speed-frames", type=int, default=60, help="TUD frames timed per model (plus all MOT17)")
     ap.add_argument("--speed-only", action="store_true", help="skip the quality part")
+    ap.add_argument("--models", default=",".join(ALL_MODELS), help=f"comma-separated subset of {', '.join(ALL_MODELS)}")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args()
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(wanted) - set(ALL_MODELS))
+    if unknown:
+        print(f"--models: unknown {unknown}; known: {', '.join(ALL_MODELS)}", file=sys.stderr)
+        return 2
     if not SHARED.exists():
         print(f"needs {SHARED}", file=sys.stderr)
         return 2
-    if not hasattr(cv2.dnn, "readNetFromDarknet"):  # the OpenCV baseline; OpenCV 5 dropped the importer
+    if "opencv-fp32" in wanted and not hasattr(cv2.dnn, "readNetFromDarknet"):  # OpenCV 5 dropped the importer
         print(f"the OpenCV baseline needs OpenCV 4 (this is {cv2.__version__}, without readNetFromDarknet): run "
               "this benchmark in a venv with pip install 'opencv-python-headless<5'", file=sys.stderr)
         return 2
@@ -166,21 +179,25 @@ def main() -> int:
     scene = cache / "scene"
     if not (scene / "scene.mp4").exists():
         subprocess.run([sys.executable, "-m", "edged", "demo-scene", "--out", str(scene), "--frames", "60"], check=True, cwd=ROOT)
-    models = {
-        "int8-committed": COMMITTED,
-        "int8-io-int8": convert(cache / "yt-int8io.tflite", "int8", ["skimage", str(scene / "scene.mp4")]),
-        "int8-skimage-only": convert(cache / "yt-skimage.tflite", "uint8", ["skimage"]),
-        "int8-mot17": convert(cache / "yt-mot17.tflite", "uint8", [str(MOT17)]),
-        "float32": convert(cache / "yt-float32.tflite", "float32", []),
+    recipes = {
+        "int8-committed": lambda: COMMITTED,
+        "int8-320-committed": lambda: COMMITTED_320,
+        "int8-io-int8": lambda: convert(cache / "yt-int8io.tflite", "int8", ["skimage", str(scene / "scene.mp4")]),
+        "int8-skimage-only": lambda: convert(cache / "yt-skimage.tflite", "uint8", ["skimage"]),
+        "int8-mot17": lambda: convert(cache / "yt-mot17.tflite", "uint8", [str(MOT17)]),
+        "float32": lambda: convert(cache / "yt-float32.tflite", "float32", []),
+        "float32-320": lambda: convert(cache / "yt-float32-320.tflite", "float32", [], size=320),
     }
     dets: Dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     detectors = {}
-    for name, path in models.items():
-        d = YoloDetector(path, threads=args.threads, classes=["person"], score_threshold=args.score)
+    for name in wanted:
+        if name == "opencv-fp32":
+            ocv = OpenCVDarknet(args.threads, cache, args.score)
+            dets[name] = ocv.detect
+            continue
+        d = YoloDetector(recipes[name](), threads=args.threads, classes=["person"], score_threshold=args.score)
         detectors[name] = d
         dets[name] = (lambda d: lambda img: d.detect(img).boxes)(d)
-    ocv = OpenCVDarknet(args.threads, cache, args.score)
-    dets["opencv-fp32"] = ocv.detect
 
     results: Dict[str, Dict] = {"threads": args.threads, "score_threshold": args.score, "quality": {}, "speed_ms": {}}
     datasets = {"MOT17-mini": load_mot17(), "TUD-Stadtmitte": load_tud()}
@@ -198,7 +215,7 @@ def main() -> int:
     # Speed: interleave the models frame by frame so they see the same machine load.
     speed_sets = {"TUD 640x480": [f for f, _, _ in datasets["TUD-Stadtmitte"][: args.speed_frames]],
                   "MOT17 1920x1080": [f for f, _, _ in datasets["MOT17-mini"] if f.shape[1] == 1920]}
-    timed = ["int8-committed", "int8-io-int8", "float32", "opencv-fp32"]
+    timed = [n for n in ("int8-committed", "int8-320-committed", "int8-io-int8", "float32", "opencv-fp32") if n in dets]
     for ds, frames in speed_sets.items():
         for name in timed:  # warm-up
             for f in frames[:3]:
@@ -220,12 +237,18 @@ def main() -> int:
                 p = np.median(np.array(parts[name]), axis=0)
                 entry.update(pre=float(p[0]), invoke=float(p[1]), post=float(p[2]))
             results["speed_ms"].setdefault(ds, {})[name] = entry
-        base = results["speed_ms"][ds]["opencv-fp32"]["median"]
+        base = results["speed_ms"][ds].get("opencv-fp32", {}).get("median")
         for name in timed:
             e = results["speed_ms"][ds][name]
-            e["speedup_vs_opencv"] = base / e["median"]
             extra = f" (pre {e['pre']:.1f} + invoke {e['invoke']:.1f} + post {e['post']:.2f})" if "pre" in e else ""
-            print(f"{ds:16s} {name:16s} end-to-end median {e['median']:7.2f} ms  p90 {e['p90']:7.2f}{extra}  x{e['speedup_vs_opencv']:.1f} vs OpenCV", flush=True)
+            if name in detectors:  # the device-independent cost beside the time it took here
+                e["gmac_per_frame"] = detectors[name].macs / 1e9
+                e["gmac_per_s"] = e["gmac_per_frame"] / (e["invoke"] / 1e3)
+                extra += f"  {e['gmac_per_frame']:.3f} GMAC/frame ({e['gmac_per_s']:.0f} GMAC/s in invoke)"
+            if base:
+                e["speedup_vs_opencv"] = base / e["median"]
+                extra += f"  x{e['speedup_vs_opencv']:.2f} vs OpenCV"
+            print(f"{ds:16s} {name:18s} end-to-end median {e['median']:7.2f} ms  p90 {e['p90']:7.2f}{extra}", flush=True)
     results["load_average"] = list(__import__("os").getloadavg())
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))

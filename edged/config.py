@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import os
 import re
 from pathlib import Path
@@ -129,9 +130,42 @@ class DetectorConfig(_Section):
     classes: List[str] = Field(["person"], description="Class allow-list by name; empty = all classes.")
     max_detections: int = Field(100, ge=1, le=1000)
     threads: int = Field(2, ge=1, le=64)
-    delegate: Delegate = "cpu"
+    backend: str = Field(
+        "tflite", description="What runs the network: tflite (CPU, XNNPACK) or edgetpu (TFLite + the Edge TPU "
+        "delegate, a model compiled by edgetpu_compiler); docs/detector-backends.md adds others.",
+    )
     edgetpu_device: str = Field("usb:0", description="Edge TPU device, e.g. usb:0 or pci:0.")
     motion: MotionConfig = MotionConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_delegate_key(cls, data: Any) -> Any:
+        # detector.delegate (cpu | edgetpu) was replaced by detector.backend: configs written for an older
+        # edged still start (a device upgraded in the field must not stop on it), with a warning.
+        if not isinstance(data, dict) or "delegate" not in data:
+            return data
+        data = dict(data)
+        old = data.pop("delegate")
+        new = {"cpu": "tflite", "edgetpu": "edgetpu"}.get(old) if isinstance(old, str) else None
+        if new is None:
+            raise ValueError(f"detector.delegate: {old!r} is not cpu or edgetpu (and the key is now detector.backend: "
+                             "tflite | edgetpu)")
+        if "backend" in data and data["backend"] != new:
+            raise ValueError(f"detector.delegate ({old}) contradicts detector.backend ({data['backend']}): "
+                             "delegate is the old name of backend, remove it")
+        data["backend"] = new
+        logging.getLogger("edged.config").warning(
+            "detector.delegate: %s is deprecated, write detector.backend: %s instead", old, new)
+        return data
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from edged.inference import backends  # numpy only: no runtime is imported
+
+        if name not in backends.REGISTRY:
+            raise ValueError(f"unknown detector backend {name!r}; known backends: {', '.join(backends.known())}")
+        return name
 
 
 class EncoderConfig(_Section):

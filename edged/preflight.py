@@ -48,7 +48,8 @@ def exit_code(problems: List[Problem]) -> int:
 
 # ---------------------------------------------------------------------------------------------- models
 def _check_detector(cfg: EdgedConfig, config_path: ConfigPath) -> List[Problem]:
-    from edged.inference.runtime import ModelError
+    from edged.inference.backends import CONFIG_KEY as BACKEND_KEY
+    from edged.inference.runtime import DelegateError, ModelError
     from edged.inference.yolo import YoloDetector
 
     try:
@@ -56,7 +57,11 @@ def _check_detector(cfg: EdgedConfig, config_path: ConfigPath) -> List[Problem]:
     except ValueError as exc:
         # The loader's ValueError for a valid config is the class allow-list not matching the model.
         key = "detector.classes" if "classes" in str(exc) else "detector.model"
+        if str(exc).startswith(BACKEND_KEY):
+            key = BACKEND_KEY
         return [Problem(key, str(exc), exitcodes.CONFIG)]
+    except DelegateError as exc:  # the model is fine; the accelerator the backend needs is not there
+        return [Problem(BACKEND_KEY, str(exc), exitcodes.CONFIG)]
     except (ModelError, OSError) as exc:
         return [Problem("detector.model", _with_path(exc, cfg.detector.model, config_path), exitcodes.CONFIG)]
     return []

@@ -68,6 +68,42 @@ def tiny_cfg(size: int = 96, classes: int = 3) -> str:
     return darknet.write_cfg(layers)
 
 
+def fastest_cfg(size: int = 128, classes: int = 2) -> str:
+    """A Yolo-Fastest-class network, block for block as yolo-fastest-1.1.cfg builds it, at toy widths:
+    a stride-2 stem, inverted residuals (1x1 expand, 3x3 depthwise, 1x1 linear projection, dropout,
+    shortcut from=-5), stride-2 depthwise downsampling, a depthwise conv with multiplier 2, a grouped
+    (not depthwise) 1x1 conv, a CSP-style route with groups, the SPP block (stride-1 maxpools 3/5/9 and
+    routes), heads of 5x5 depthwise convs written `pad=1` (Darknet pads size/2 = 2), and a second head
+    fed by upsample + route to an earlier layer."""
+    out = 3 * (5 + classes)
+
+    def block(expand: int, project: int) -> List[Tuple[str, Dict]]:
+        return [conv(expand, size=1, pad=0), conv(expand, groups=expand), conv(project, size=1, pad=0, act="linear"),
+                ("dropout", {"probability": 0.15}), ("shortcut", {"from": -5, "activation": "linear"})]
+
+    def down(expand: int, project: int) -> List[Tuple[str, Dict]]:
+        return [conv(expand, size=1, pad=0), conv(expand, stride=2, groups=expand), conv(project, size=1, pad=0, act="linear")]
+
+    L: List[Tuple[str, Dict]] = [("net", {"width": size, "height": size, "channels": 3}), conv(8, stride=2)]  # 0: /2
+    L += [conv(8, size=1, pad=0), conv(8, groups=8), conv(4, size=1, pad=0, act="linear")]  # 1-3
+    L += block(8, 4)  # 4-8
+    L += down(12, 8) + block(16, 8)  # 9-11 /4, 12-16
+    L += down(16, 12) + block(24, 12)  # 17-19 /8, 20-24
+    L += [conv(24, groups=12, size=3)]  # 25: depthwise, multiplier 2
+    L += [conv(24, size=1, pad=0, groups=2, act="leaky")]  # 26: grouped 1x1
+    L += [("route", {"layers": -1, "groups": 2, "group_id": 1}), conv(12, size=1, pad=0), ("route", {"layers": "-1, -3"})]  # 27-29
+    L += down(32, 16) + block(32, 16)  # 30-32 /16, 33-37
+    L += [("maxpool", {"stride": 1, "size": 3}), ("route", {"layers": -2}), ("maxpool", {"stride": 1, "size": 5}),
+          ("route", {"layers": -4}), ("maxpool", {"stride": 1, "size": 9}), ("route", {"layers": "-1,-3,-5,-6"})]  # 38-43 SPP
+    L += [conv(24, size=1, pad=0), conv(24, size=5, groups=24, pad=1), conv(24, size=1, act="linear"),
+          conv(24, size=5, groups=24, pad=1), conv(24, size=1, act="linear"),
+          conv(out, size=1, bn=0, act="linear"), yolo("3,4,5", classes)]  # 44-50
+    L += [("route", {"layers": -7}), ("upsample", {"stride": 2}), ("route", {"layers": "-1, 29"}),
+          conv(60, size=5, groups=60, pad=1), conv(24, size=1, act="linear"),
+          conv(out, size=1, bn=0, act="linear"), yolo("0,1,2", classes)]  # 51-57
+    return darknet.write_cfg(L)
+
+
 def yolov3_cfg(size: int = 128, classes: int = 2, div: int = 16) -> str:
     """The full YOLOv3 topology (Darknet-53 with 1/2/8/8/4 residual blocks, three heads, upsample +
     route), channels divided by `div`."""
@@ -224,6 +260,32 @@ def test_tiny_int8_and_uint8_conversion(tiny, tmp_path):
         assert set(d.class_ids.tolist()) <= {0, 2}
 
 
+def test_yolo_fastest_class_generated_net_float_parity_macs_and_int8(tmp_path):
+    cfg, weights = make_net(tmp_path, fastest_cfg(), "fastest", seed=3)
+    net = darknet.parse_cfg(cfg)
+    assert [h.grid for h in net.heads] == [(8, 8), (16, 16)]
+    assert {ly.kind for ly in net.layers} == {"convolutional", "dropout", "shortcut", "route", "maxpool", "upsample", "yolo"}
+    f32 = tmp_path / "fastest-f32.tflite"
+    convert.convert_darknet(cfg, weights, f32, quant="float32")
+    # Darknet's float output (OpenCV 4's importer of the same cfg + weights) is the reference.
+    assert_parity(cfg, weights, f32, [photo("astronaut"), photo("coffee")])
+    # The graph's multiply-accumulates equal Darknet's count of the cfg: depthwise (with a multiplier)
+    # and grouped convolutions counted per group, nothing else counted.
+    cost = runtime.model_cost(f32)
+    assert cost.macs == net.macs()
+    ops = cost.by_op()
+    assert ops["DEPTHWISE_CONV_2D"][0] == 12 and ops["CONV_2D"][1] > 0
+    # int8 with uint8 I/O: the raw heads follow the float ones, and the detector runs on it.
+    frames = [photo(n) for n in ("astronaut", "coffee", "chelsea", "camera")]
+    q = tmp_path / "fastest-uint8.tflite"
+    res = convert.convert_darknet(cfg, weights, q, quant="uint8", calib=frames, report=False)
+    assert runtime.model_macs(q) == net.macs() and res.metadata["input_size"] == [128, 128]
+    x = convert.network_input(frames[1], 128, 128)
+    for a, b in zip(tflite_heads(q, x), tflite_heads(f32, x)):
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+    YoloDetector(q, score_threshold=0.01).detect(frames[1])
+
+
 @pytest.mark.slow
 def test_full_yolov3_structure_converts_and_matches_opencv(tmp_path):
     cfg, weights = make_net(tmp_path, yolov3_cfg(), "yolov3-small", seed=1)
@@ -264,6 +326,9 @@ def test_yolo_fastest_float_parity_and_detects_people(tmp_path):
     cfg, weights, names = d / "yolo-fastest-1.1.cfg", d / "yolo-fastest-1.1.weights", d / "coco.names"
     out = tmp_path / "yf.tflite"
     convert.convert_darknet(cfg, weights, out, names_path=names, quant="float32")
+    # 0.2509 G FLOPs of convolutions; Yolo-Fastest's README says 0.252 BFLOPs, which adds Darknet's
+    # count for the SPP maxpools (0.0011).
+    assert runtime.model_macs(out) == darknet.parse_cfg(cfg).macs() == 125_437_600
     frame = cv2.imread(str(shared_path("data", "MOT17-mini", "MOT17-05-FRCNN", "img1", "000001.jpg")))
     assert_parity(cfg, weights, out, [frame, photo("astronaut")])
     det = YoloDetector(out, classes=["person"], score_threshold=0.3)

@@ -20,6 +20,7 @@ from edged.inference.runtime import ModelError
 def _info_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=".tflite file")
     p.add_argument("--json", action="store_true", help="print the embedded metadata as JSON only")
+    p.add_argument("--ops", action="store_true", help="also list the multiply-accumulates of every counted operator")
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -35,6 +36,7 @@ def _info(args: argparse.Namespace) -> int:
         for s in specs:
             q = f" scale={s.scale:.6g} zero_point={s.zero_point}" if s.quantized else ""
             print(f"  {kind:6s} {s.name}: {list(s.shape)} {s.dtype}{q}")
+    _print_cost(runtime.model_cost(args.model), args.ops)
     if meta is None:
         print("  no edged metadata")
         return 0
@@ -46,6 +48,19 @@ def _info(args: argparse.Namespace) -> int:
     for k in sorted(shown):
         print(f"    {k}: {json.dumps(shown[k]) if not isinstance(shown[k], str) else shown[k]}")
     return 0
+
+
+def _print_cost(cost: Any, every_op: bool) -> None:
+    per = f"per image (the model's batch is {cost.input_batch})" if cost.input_batch > 1 else "per image (one invocation)"
+    counted = ", ".join(f"{name} x{n} {macs / 1e9:.3f}" for name, (n, macs) in cost.by_op().items() if macs)
+    print(f"  compute: {cost.macs_per_sample / 1e9:.3f} GMAC {per} ({counted or 'no counted operator'})")
+    if cost.custom:
+        print(f"  compute: {len(cost.custom)} custom op(s) not counted ({', '.join(sorted(set(cost.custom)))}): "
+              "an Edge TPU compiled model hides its convolutions; count the model it was compiled from")
+    if every_op:
+        for o in cost.ops:
+            if o.macs:
+                print(f"    #{o.index:<4d} {o.op:18s} {o.detail:24s} -> {list(o.output_shape)}  {o.macs / 1e6:10.2f} MMAC")
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -111,7 +126,7 @@ def _detect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", type=float, default=0.3, help="score threshold")
     p.add_argument("--classes", default="", help="comma-separated class allow-list (default: all)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--delegate", choices=("cpu", "edgetpu"), default="cpu")
+    p.add_argument("--backend", default="tflite", help="detector backend (as detector.backend): tflite, edgetpu, ...")
 
 
 def _detect(args: argparse.Namespace) -> int:
@@ -119,7 +134,7 @@ def _detect(args: argparse.Namespace) -> int:
 
     from edged.inference.yolo import YoloDetector
 
-    det = YoloDetector(args.model, threads=args.threads, delegate=args.delegate, score_threshold=args.score,
+    det = YoloDetector(args.model, threads=args.threads, backend=args.backend, score_threshold=args.score,
                        classes=[c.strip() for c in args.classes.split(",") if c.strip()] or None)
     for path in args.image:
         img = cv2.imread(path, cv2.IMREAD_COLOR)

@@ -108,6 +108,17 @@ class DarknetNet:
     def param_count(self) -> int:
         return sum(ly.params.get("n_floats", 0) for ly in self.layers)
 
+    def macs(self, upto_layer: Optional[int] = None) -> int:
+        """Multiply-accumulates of the convolutional layers, Darknet's own way (its "BFLOPs" are twice
+        this): output positions x filters x (input channels / groups) x size^2."""
+        total = 0
+        for ly in self.layers:
+            if ly.kind == "convolutional" and (upto_layer is None or ly.index <= upto_layer):
+                p = ly.params
+                oh, ow, f = ly.out_shape
+                total += oh * ow * f * (p["in_channels"] // p["groups"]) * p["size"] ** 2
+        return total
+
 
 def sha256_file(path: PathLike) -> str:
     h = hashlib.sha256()

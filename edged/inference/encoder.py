@@ -40,6 +40,7 @@ from edged.inference.runtime import (
     dequantize,
     input_specs,
     load_interpreter,
+    model_cost,
     output_specs,
     read_metadata,
 )
@@ -226,6 +227,8 @@ class AppearanceEncoder:
             )
         self.metadata: Dict[str, Any] = meta
         self._interp = load_interpreter(self.model_path, threads=threads, delegate=delegate, edgetpu_device=edgetpu_device)
+        # Multiply-accumulates per crop (the model's, per batch item; the colour histogram is not counted).
+        self.macs: int = model_cost(self.model_path).macs_per_sample
         inputs = input_specs(self._interp)
         if len(inputs) != 1:
             raise ModelError(f"{source}: an encoder has exactly one input tensor, this model has {len(inputs)}")

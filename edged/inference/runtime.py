@@ -16,7 +16,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -29,6 +29,10 @@ EDGETPU_LIBRARY = {"Linux": "libedgetpu.so.1", "Darwin": "libedgetpu.1.dylib", "
 
 class ModelError(Exception):
     """A model file that cannot be used; the message names the file and the problem."""
+
+
+class DelegateError(ModelError):
+    """The model is fine but the accelerator delegate it asks for (Edge TPU) cannot be loaded."""
 
 
 # ---------------------------------------------------------------------------------------------- backend
@@ -98,12 +102,15 @@ def check_model_file(path: PathLike) -> bytes:
 
 
 def load_interpreter(
-    path: PathLike, *, threads: int = 2, delegate: str = "cpu", edgetpu_device: str = "usb:0"
+    path: PathLike, *, threads: int = 2, delegate: str = "cpu", edgetpu_device: str = "usb:0",
+    cpu_hint: str = "delegate: cpu", edgetpu_hint: str = "delegate: edgetpu",
 ) -> Any:
     """A ready (tensors allocated) interpreter for `path`.
 
     delegate: "cpu" (XNNPACK, `threads` threads) or "edgetpu" (needs libedgetpu and a Coral device
-    such as "usb:0" / "pci:0"; the model must be compiled with edgetpu_compiler)."""
+    such as "usb:0" / "pci:0"; the model must be compiled with edgetpu_compiler). cpu_hint: the setting
+    that runs on the CPU instead, and edgetpu_hint the one that loads the delegate, named in errors (the
+    caller's config key)."""
     check_model_file(path)
     Interpreter, load_delegate, name = _backend()
     delegates = []
@@ -118,16 +125,16 @@ def load_interpreter(
 
             ctypes.CDLL(lib)
         except OSError as exc:
-            raise ModelError(
+            raise DelegateError(
                 f"{path}: cannot load the Edge TPU delegate: library {lib} not found ({exc}). "
-                "Install libedgetpu1-std (Coral apt repository), or set delegate: cpu."
+                f"Install libedgetpu1-std (Coral apt repository), or set {cpu_hint}."
             ) from None
         try:
             delegates.append(load_delegate(lib, {"device": edgetpu_device} if edgetpu_device else {}))
         except (ValueError, OSError, RuntimeError) as exc:
-            raise ModelError(
+            raise DelegateError(
                 f"{path}: cannot load the Edge TPU delegate ({lib}, device {edgetpu_device!r}): {exc}. "
-                "Install libedgetpu1-std and plug in / enable the Coral device, or set delegate: cpu."
+                f"Install libedgetpu1-std and plug in / enable the Coral device, or set {cpu_hint}."
             ) from None
     elif delegate != "cpu":
         raise ModelError(f"{path}: unknown delegate {delegate!r} (expected 'cpu' or 'edgetpu')")
@@ -140,7 +147,7 @@ def load_interpreter(
         msg = str(exc).strip().splitlines()
         hint = ""
         if "edgetpu-custom-op" in str(exc):
-            hint = " (an Edge TPU compiled model needs delegate: edgetpu)"
+            hint = f" (an Edge TPU compiled model needs {edgetpu_hint})"
         raise ModelError(f"{path}: the TFLite runtime ({name}) cannot load it{hint}: {msg[0] if msg else exc}") from None
     return interp
 
@@ -295,6 +302,20 @@ class _Table:
         off = self._field(idx)
         return self.r.u64(self.pos + off) if off else 0
 
+    def scalar(self, idx: int, fmt: str, default: int = 0) -> int:
+        """A scalar field (struct format: "<b", "<B", "<i", "<I"...), or the schema default when absent."""
+        off = self._field(idx)
+        return self.r._unpack(fmt, self.pos + off) if off else default
+
+    def ints(self, idx: int) -> List[int]:
+        """A [int32] vector field (tensor shapes, operator inputs/outputs); [] when absent."""
+        start, n = self.vector(idx)
+        if not start:
+            return []
+        if start + 4 * n > len(self.r.buf):
+            raise self.r._fail("int vector runs past the end of the file")
+        return list(struct.unpack_from(f"<{n}i", self.r.buf, start))
+
 
 # Field indices of the TFLite schema (tensorflow/lite/schema/schema.fbs).
 _MODEL_SUBGRAPHS, _MODEL_BUFFERS, _MODEL_METADATA = 2, 4, 6
@@ -358,6 +379,183 @@ def read_metadata(path: PathLike) -> Optional[Dict[str, Any]]:
     if not isinstance(meta, dict):
         raise ModelError(f"{path}: the embedded '{METADATA_NAME}' metadata is not a JSON object")
     return meta
+
+
+# ---------------------------------------------------------------------------------------------- compute cost
+# A device-independent cost: the multiply-accumulates (MACs) of one invocation, read from the graph.
+# Counted: CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED, TRANSPOSE_CONV, BATCH_MATMUL, CONV_3D (their work
+# is weights x positions). Not counted: pooling, MEAN, elementwise ops, activations, resize, concat,
+# (de)quantize: each costs O(one pass over a tensor), under 1 % of a convolutional detector. A custom op
+# (an Edge TPU compiled graph is one) hides its cost: it is listed, with 0 MACs, in `ModelCost.custom`.
+
+# BuiltinOperator codes (schema.fbs).
+_OP_CONV_2D, _OP_DEPTHWISE_CONV_2D, _OP_FULLY_CONNECTED, _OP_CUSTOM = 3, 4, 9, 32
+_OP_TRANSPOSE_CONV, _OP_BATCH_MATMUL, _OP_CONV_3D = 67, 126, 132
+_OP_NAMES = {0: "ADD", 1: "AVERAGE_POOL_2D", 2: "CONCATENATION", 3: "CONV_2D", 4: "DEPTHWISE_CONV_2D",
+             6: "DEQUANTIZE", 9: "FULLY_CONNECTED", 14: "LOGISTIC", 17: "MAX_POOL_2D", 18: "MUL",
+             19: "RELU", 22: "RESHAPE", 23: "RESIZE_BILINEAR", 25: "SOFTMAX", 32: "CUSTOM", 40: "MEAN",
+             45: "STRIDED_SLICE", 49: "SPLIT", 67: "TRANSPOSE_CONV", 69: "PACK", 76: "TILE",
+             97: "RESIZE_NEAREST_NEIGHBOR", 98: "LEAKY_RELU", 102: "SPLIT_V", 114: "QUANTIZE",
+             126: "BATCH_MATMUL", 132: "CONV_3D"}
+# Table fields (schema.fbs field order).
+_MODEL_OPCODES = 1
+_OPCODE_DEPRECATED, _OPCODE_CUSTOM, _OPCODE_BUILTIN = 0, 1, 3
+_SUBGRAPH_TENSORS, _SUBGRAPH_INPUTS, _SUBGRAPH_OPERATORS = 0, 1, 3
+_TENSOR_SHAPE = 0
+_OP_OPCODE, _OP_INPUTS, _OP_OUTPUTS, _OP_OPTIONS = 0, 1, 2, 4
+# Conv2DOptions and DepthwiseConv2DOptions: padding (SAME 0, VALID 1), stride_w, stride_h; dilation
+# w/h at fields 4/5 (Conv2D) or 5/6 (depthwise). BatchMatMulOptions: adj_x, adj_y.
+_PAD_SAME = 0
+
+
+@dataclass(frozen=True)
+class OpCost:
+    index: int  # operator index in the main subgraph (execution order)
+    op: str  # builtin name (CONV_2D ...) or "CUSTOM:<custom code>"
+    macs: int  # multiply-accumulates of one invocation; 0 when not counted
+    output_shape: Tuple[int, ...]
+    detail: str = ""  # kernel/stride and channels of a counted op, e.g. "3x3/2 16->32"
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    ops: Tuple[OpCost, ...]
+    input_batch: int  # batch dimension of the first input as stored (1 for a resizable batch)
+
+    @property
+    def macs(self) -> int:
+        return sum(o.macs for o in self.ops)
+
+    @property
+    def macs_per_sample(self) -> int:
+        """MACs per image of the batch (per crop for an encoder)."""
+        return self.macs // max(self.input_batch, 1)
+
+    @property
+    def custom(self) -> List[str]:
+        """Custom ops, whose cost the graph does not show (e.g. edgetpu-custom-op)."""
+        return [o.op for o in self.ops if o.op.startswith("CUSTOM")]
+
+    def by_op(self) -> Dict[str, Tuple[int, int]]:
+        """op name -> (number of such ops, their MACs), in order of first appearance."""
+        out: Dict[str, Tuple[int, int]] = {}
+        for o in self.ops:
+            n, m = out.get(o.op, (0, 0))
+            out[o.op] = (n + 1, m + o.macs)
+        return out
+
+
+def _prod(values: Sequence[int]) -> int:
+    n = 1
+    for v in values:
+        n *= int(v)
+    return n
+
+
+def _conv_out(size: int, kernel: int, stride: int, dilation: int, padding: int) -> int:
+    """Output length of a TFLite convolution (only needed when the graph leaves an output dim unknown)."""
+    if padding == _PAD_SAME:
+        return -(-size // stride)
+    return -(-(size - (kernel - 1) * dilation) // stride)
+
+
+def _op_cost(code: int, op: _Table, shapes: List[List[int]], r: _Reader) -> Tuple[int, str]:
+    """(MACs, detail) of one operator from its tensors' shapes and its options."""
+    ins = [shapes[i] if 0 <= i < len(shapes) else [] for i in op.ints(_OP_INPUTS)]
+    outs = [shapes[i] if 0 <= i < len(shapes) else [] for i in op.ints(_OP_OUTPUTS)]
+    if not outs or not ins:
+        return 0, ""
+    out = list(outs[0])
+    opts = op.table(_OP_OPTIONS)
+
+    def bad(what: str) -> ModelError:
+        return r._fail(f"operator {_OP_NAMES.get(code, code)}: {what}")
+
+    if code in (_OP_CONV_2D, _OP_DEPTHWISE_CONV_2D):
+        if len(ins) < 2 or len(ins[0]) != 4 or len(ins[1]) != 4 or len(out) != 4:
+            raise bad(f"expected 4-d input/filter/output, got {ins[:2]} -> {out}")
+        depthwise = code == _OP_DEPTHWISE_CONV_2D
+        sw = opts.scalar(1, "<i", 1) if opts else 1
+        sh = opts.scalar(2, "<i", 1) if opts else 1
+        pad = opts.scalar(0, "<b", _PAD_SAME) if opts else _PAD_SAME
+        dw = opts.scalar(5 if depthwise else 4, "<i", 1) if opts else 1
+        dh = opts.scalar(6 if depthwise else 5, "<i", 1) if opts else 1
+        _, kh, kw, f_last = ins[1]
+        if out[1] <= 0:
+            out[1] = _conv_out(ins[0][1], kh, sh, dh, pad)
+        if out[2] <= 0:
+            out[2] = _conv_out(ins[0][2], kw, sw, dw, pad)
+        n = max(out[0], 1)
+        # Conv filter [out, kh, kw, in/groups]; depthwise filter [1, kh, kw, out]: one kh x kw window each.
+        per_out = kh * kw * (1 if depthwise else f_last)
+        detail = f"{kh}x{kw}/{sh}{' dw' if depthwise else ''} {ins[0][3]}->{out[3]}"
+        return n * out[1] * out[2] * out[3] * per_out, detail
+    if code == _OP_FULLY_CONNECTED:
+        if len(ins) < 2 or len(ins[1]) != 2:
+            raise bad(f"expected a 2-d weight matrix, got {ins[1:2]}")
+        units, depth = ins[1]
+        rows = _prod(ins[0]) // max(depth, 1)
+        return rows * units * depth, f"{depth}->{units}"
+    if code == _OP_TRANSPOSE_CONV:
+        # inputs: output shape, filter [out, kh, kw, in], input [n, h, w, in]: every input pixel is
+        # scattered through the whole kernel.
+        if len(ins) < 3 or len(ins[1]) != 4 or len(ins[2]) != 4:
+            raise bad(f"expected filter and input 4-d, got {ins[1:3]}")
+        oc, kh, kw, ic = ins[1]
+        return _prod(ins[2][:3]) * kh * kw * ic * oc, f"{kh}x{kw} transpose {ic}->{oc}"
+    if code == _OP_BATCH_MATMUL:
+        if len(ins) < 2 or len(ins[0]) < 2:
+            raise bad(f"expected two matrices, got {ins[:2]}")
+        adj_x = bool(opts.scalar(0, "<B", 0)) if opts else False
+        k = ins[0][-2] if adj_x else ins[0][-1]
+        return _prod(out) * k, f"K={k}"
+    if code == _OP_CONV_3D:
+        if len(ins) < 2 or len(ins[1]) != 5:
+            raise bad(f"expected a 5-d filter, got {ins[1:2]}")
+        kd, kh, kw, ic, _ = ins[1]
+        return _prod(out) * kd * kh * kw * ic, f"{kd}x{kh}x{kw} {ic}->{out[-1]}"
+    return 0, ""
+
+
+def model_cost(path_or_bytes: Union[PathLike, bytes]) -> ModelCost:
+    """Per-operator multiply-accumulates of one invocation of the model's main subgraph (control-flow
+    bodies in other subgraphs run a data-dependent number of times and are not counted)."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        buf, source = bytes(path_or_bytes), "<model bytes>"
+        if buf[4:8] != TFLITE_IDENTIFIER:
+            raise ModelError(f"{source}: not a TFLite model")
+        _read_model_tables(buf, source)
+    else:
+        source = str(path_or_bytes)
+        buf = check_model_file(path_or_bytes)
+    r = _Reader(buf, source)
+    model = r.table(r.u32(0))
+    codes = []
+    for oc in model.tables(_MODEL_OPCODES):
+        # builtin_code (int32) superseded the deprecated byte at 127; the larger of the two is the code.
+        code = max(oc.scalar(_OPCODE_DEPRECATED, "<b", 0), oc.scalar(_OPCODE_BUILTIN, "<i", 0))
+        codes.append((code, oc.string(_OPCODE_CUSTOM) or ""))
+    graph = model.tables(_MODEL_SUBGRAPHS)[0]
+    shapes = [t.ints(_TENSOR_SHAPE) for t in graph.tables(_SUBGRAPH_TENSORS)]
+    inputs = graph.ints(_SUBGRAPH_INPUTS)
+    batch = shapes[inputs[0]][0] if inputs and 0 <= inputs[0] < len(shapes) and shapes[inputs[0]] else 1
+    ops = []
+    for i, op in enumerate(graph.tables(_SUBGRAPH_OPERATORS)):
+        idx = op.scalar(_OP_OPCODE, "<I", 0)
+        if idx >= len(codes):
+            raise r._fail(f"operator {i} uses opcode {idx} of {len(codes)}")
+        code, custom = codes[idx]
+        name = f"CUSTOM:{custom}" if code == _OP_CUSTOM else _OP_NAMES.get(code, f"BUILTIN_{code}")
+        macs, detail = _op_cost(code, op, shapes, r)
+        outs = op.ints(_OP_OUTPUTS)
+        out_shape = tuple(shapes[outs[0]]) if outs and 0 <= outs[0] < len(shapes) else ()
+        ops.append(OpCost(i, name, int(macs), out_shape, detail))
+    return ModelCost(tuple(ops), max(int(batch), 1))
+
+
+def model_macs(path: Union[PathLike, bytes]) -> int:
+    """Multiply-accumulates of one invocation of the model (see model_cost for what is counted)."""
+    return model_cost(path).macs
 
 
 # ---------------------------------------------------------------------------------------------- flatbuffer writing

@@ -1,6 +1,7 @@
-"""YOLO (Darknet `yolo`-head family) detector on a TFLite model: YOLOv3, YOLOv3-tiny, Yolo-Fastest...
+"""YOLO (Darknet `yolo`-head family) detector: YOLOv3, YOLOv3-tiny, Yolo-Fastest...
 
-The model outputs the raw head tensors; decoding happens here in numpy exactly as Darknet does it
+A detector backend (edged.inference.backends: TFLite on the CPU, the Edge TPU...) runs the network on
+the letterboxed frame and returns the raw head tensors; decoding happens here in numpy exactly as Darknet does it
 (sigmoid x/y + grid cell, exp w/h * anchor, objectness * class probability), so float32 and int8 models
 of any input size share one decoder. Anchors, masks, class names and input size come from the "edged"
 metadata the converter embeds in the model.
@@ -17,7 +18,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import cv2
 import numpy as np
 
-from edged.inference import runtime
+from edged.inference import backends, runtime
+from edged.inference.backends import DetectorBackend
 from edged.inference.runtime import ModelError, TensorSpec
 from edged.types import Detections
 
@@ -184,17 +186,28 @@ class YoloDetector:
         classes: Optional[List[str]] = None,
         max_detections: int = 100,
         input_size: Optional[int] = None,
+        backend: Union[str, DetectorBackend, None] = None,
     ):
+        """backend: a detector.backend name ("tflite", "edgetpu", ...) or a built DetectorBackend;
+        None = "edgetpu" when delegate is "edgetpu", else "tflite"."""
         self.model_path = Path(model_path)
         self.score_threshold, self.nms_iou, self.max_detections = _checked_post(score_threshold, nms_iou, max_detections)
-        meta = runtime.read_metadata(self.model_path)
+        if backend is None:
+            if delegate not in ("cpu", "edgetpu"):
+                raise ModelError(f"{self.model_path}: unknown delegate {delegate!r} (expected 'cpu' or 'edgetpu')")
+            backend = "edgetpu" if delegate == "edgetpu" else "tflite"
+        if isinstance(backend, str):
+            backend = backends.create(backend, self.model_path, threads=threads, edgetpu_device=edgetpu_device)
+        self.backend: DetectorBackend = backend
+        # Multiply-accumulates of one detect() call: the device-independent cost of a frame.
+        self.macs: int = int(backend.macs)
+        meta = backend.metadata
         if meta is None:
             raise ModelError(
                 f"{self.model_path}: no '{runtime.METADATA_NAME}' metadata (anchors, classes, input size); "
                 "convert the Darknet model with `edged models convert` so it carries them"
             )
         self.metadata: Dict[str, Any] = meta
-        self.interpreter = runtime.load_interpreter(self.model_path, threads=threads, delegate=delegate, edgetpu_device=edgetpu_device)
         self._setup(meta, input_size)
         self._class_ids = self._allowed_class_ids(classes)
         self._canvas = np.empty((self.net_h, self.net_w, 3), np.uint8)
@@ -232,13 +245,13 @@ class YoloDetector:
         return cls(
             resolve_path(cfg.model, config_path),
             threads=cfg.threads,
-            delegate=cfg.delegate,
             edgetpu_device=cfg.edgetpu_device,
             score_threshold=cfg.score_threshold,
             nms_iou=cfg.nms_iou,
             classes=list(cfg.classes) or None,
             max_detections=cfg.max_detections,
             input_size=cfg.input_size,
+            backend=cfg.backend,
         )
 
     # -- setup ----------------------------------------------------------------------------------
@@ -254,8 +267,8 @@ class YoloDetector:
             heads_meta = list(meta["heads"])
         except (KeyError, TypeError, ValueError) as exc:
             raise self._bad(f"metadata lacks or garbles input_size/classes/heads: {exc}") from None
-        ins = runtime.input_specs(self.interpreter)
-        if len(ins) != 1 or len(ins[0].shape) != 4 or ins[0].shape[3] != 3:
+        ins = [self.backend.input_spec]
+        if len(ins[0].shape) != 4 or ins[0].shape[3] != 3:
             raise self._bad(f"expected one NHWC RGB image input, model has {[s.shape for s in ins]}")
         if (ins[0].shape[1], ins[0].shape[2]) != (net_h, net_w):
             raise self._bad(f"metadata input_size {net_h}x{net_w} does not match the input tensor {ins[0].shape}")
@@ -263,7 +276,9 @@ class YoloDetector:
             raise self._bad(f"model input is {net_h}x{net_w} but input_size {input_size} was asked; convert with --size {input_size}")
         self.input_spec = ins[0]
         self.net_h, self.net_w = net_h, net_w
-        outs = {s.name: s for s in runtime.output_specs(self.interpreter)}
+        outs = {s.name: s for s in self.backend.output_specs}
+        position = {s.name: k for k, s in enumerate(self.backend.output_specs)}
+        self._head_outputs: List[int] = []  # index in the backend's outputs of each head
         self._heads: List[_Head] = []
         for k, h in enumerate(heads_meta):
             try:
@@ -281,6 +296,7 @@ class YoloDetector:
                 raise self._bad(f"output {tensor!r} has shape {spec.shape}, metadata head {k} implies {want}")
             if nc != len(names):
                 raise self._bad(f"head {k} has {nc} classes but the metadata lists {len(names)} class names")
+            self._head_outputs.append(position[tensor])
             a = len(anchors)
             idx = np.arange(gh * gw * a)
             cell, anchor = idx // a, idx % a
@@ -290,17 +306,6 @@ class YoloDetector:
         if not self._heads:
             raise self._bad("metadata lists no yolo heads")
         self.class_names: List[str] = names
-        # uint8 pixels go straight in when the input encodes pixel/255 (the converter arranges that).
-        sp = self.input_spec
-        self._feed = "float"
-        if sp.quantized:
-            unit = abs(sp.scale * 255.0 - 1.0) < 1e-3
-            if unit and sp.dtype == np.uint8 and sp.zero_point == 0:
-                self._feed = "uint8"
-            elif unit and sp.dtype == np.int8 and sp.zero_point == -128:
-                self._feed = "int8"
-            else:
-                self._feed = "quantize"
 
     def _allowed_class_ids(self, classes: Optional[List[str]]) -> Optional[np.ndarray]:
         if not classes:
@@ -319,42 +324,40 @@ class YoloDetector:
         return self.net_h, self.net_w
 
     # -- inference ------------------------------------------------------------------------------
-    def _set_input(self, canvas: np.ndarray) -> None:
-        sp = self.input_spec
-        if self._feed == "uint8":
-            x = canvas
-        elif self._feed == "int8":
-            x = (canvas ^ np.uint8(0x80)).view(np.int8)  # pixel - 128, without a widening copy
-        elif self._feed == "quantize":
-            x = runtime.quantize(canvas.astype(np.float32) * np.float32(1.0 / 255.0), sp)
-        else:
-            x = canvas.astype(sp.dtype) * sp.dtype.type(1.0 / 255.0)
-        self.interpreter.set_tensor(sp.index, x[None])
+    def _run_heads(self, canvas: np.ndarray) -> List[np.ndarray]:
+        outputs = self.backend.run(canvas)
+        return [outputs[k] for k in self._head_outputs]
 
     def raw_outputs(self, image_bgr: np.ndarray) -> Tuple[List[np.ndarray], Letterbox]:
         """Head tensors as stored by the model (quantized or float) for one frame."""
         check_image(image_bgr)
         canvas, lb = letterbox(image_bgr, self.net_h, self.net_w, self._canvas)
-        self._set_input(canvas)
-        self.interpreter.invoke()
-        return [self.interpreter.get_tensor(h.spec.index) for h in self._heads], lb
+        return self._run_heads(canvas), lb
 
     def detect(self, image_bgr: np.ndarray) -> Detections:
+        """Detections in frame pixels for one whole frame (letterboxed into the network input)."""
         t0 = time.perf_counter()
         check_image(image_bgr)
         h, w = image_bgr.shape[:2]
         canvas, lb = letterbox(image_bgr, self.net_h, self.net_w, self._canvas)
-        self._set_input(canvas)
         t1 = time.perf_counter()
-        self.interpreter.invoke()
-        t2 = time.perf_counter()
-        outputs = [self.interpreter.get_tensor(hd.spec.index) for hd in self._heads]
-        boxes, scores, cls = decode_heads(outputs, self._heads, self.net_h, self.net_w, self.score_threshold, self._class_ids)
-        keep = nms(boxes, scores, cls, self.nms_iou, self.max_detections)
-        boxes, scores, cls = boxes[keep], scores[keep], cls[keep]
+        dets = self.detect_canvas(canvas)
+        boxes = dets.boxes
         # Network pixels -> frame pixels (undo the letterbox), then clip to the frame.
         boxes[:, 0::2] = np.clip((boxes[:, 0::2] - lb.dx) * lb.sx, 0, w)
         boxes[:, 1::2] = np.clip((boxes[:, 1::2] - lb.dy) * lb.sy, 0, h)
+        self.last_timing["pre_ms"] += (t1 - t0) * 1e3
+        return dets
+
+    def detect_canvas(self, canvas_rgb: np.ndarray) -> Detections:
+        """Detections in network pixels for a ready network input (RGB uint8, net_h x net_w): region-based
+        detection draws its own canvas (edged/motion.py)."""
+        t1 = time.perf_counter()
+        outputs = self._run_heads(canvas_rgb)
+        t2 = time.perf_counter()
+        boxes, scores, cls = decode_heads(outputs, self._heads, self.net_h, self.net_w, self.score_threshold, self._class_ids)
+        keep = nms(boxes, scores, cls, self.nms_iou, self.max_detections)
+        boxes, scores, cls = boxes[keep], scores[keep], cls[keep]
         t3 = time.perf_counter()
-        self.last_timing = {"pre_ms": (t1 - t0) * 1e3, "invoke_ms": (t2 - t1) * 1e3, "post_ms": (t3 - t2) * 1e3}
+        self.last_timing = {"pre_ms": 0.0, "invoke_ms": (t2 - t1) * 1e3, "post_ms": (t3 - t2) * 1e3}
         return Detections(boxes=boxes.astype(np.float32), scores=scores.astype(np.float32), class_ids=cls.astype(np.int32))
