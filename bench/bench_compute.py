@@ -145,7 +145,7 @@ class Result:
     idf1: float
     id_switches: int
     enters: int
-    recall: float  # detections (IoU >= 0.5) per ground-truth box, over all frames
+    recall: float  # detections (IoU >= 0.5) per ground-truth box, over the frames the model ran on
 
 
 def _cfg(mode: str, classes: List[str]) -> EdgedConfig:
@@ -179,7 +179,8 @@ def run_mode(scenario: Scenario, mode: str) -> Result:
 
     def observe(frame: Frame, step: TrackerStep, dets: Detections) -> None:
         view["v"] = TrackView(frame.index, *tracker.view())
-        det_rows[frame.index] = dets.boxes.copy()
+        if getattr(p.detector, "last_calls", 1):  # recall only where the model looked
+            det_rows[frame.index] = dets.boxes.copy()
         for t in step.tracks:
             if t.time_since_update == 0:
                 x1, y1, x2, y2 = (float(v) for v in t.box)
@@ -212,6 +213,8 @@ def _recall(gt: np.ndarray, det_rows: Dict[int, np.ndarray]) -> float:
 
     found = total = 0
     for f in np.unique(gt[:, 0]).astype(int):
+        if f - 1 not in det_rows:
+            continue  # no model call on this frame
         g = gt[gt[:, 0] == f][:, 2:6].copy()
         g[:, 2:] += g[:, :2]
         d = det_rows.get(f - 1, np.zeros((0, 4)))

@@ -104,15 +104,19 @@ class MotionConfig(_Section):
         "something that stops moving becomes background sooner)."
     )
     min_area: float = Field(0.0005, ge=0.0, le=1.0, description="Smallest moving blob, as a fraction of the frame.")
-    region_margin: float = Field(0.25, ge=0.0, le=2.0, description="Regions grow by this fraction of their size on each side.")
+    region_margin: float = Field(0.4, ge=0.0, le=2.0, description="Regions grow by this fraction of their size on each side.")
     track_interval_s: float = Field(
-        0.08, ge=0.0, le=60.0,
+        0.1, ge=0.0, le=60.0,
         description="A moving track is looked at again after this long (the Kalman filter predicts it in "
         "between); 0 = on every frame. New motion is always looked at at once.",
     )
     refresh_s: float = Field(
         2.0, gt=0.0, le=3600.0, description="A still track is looked at again at least this often (it is kept "
         "meanwhile: a frame that does not look at a track is not a miss for it)."
+    )
+    motion_interval_s: float = Field(
+        0.5, ge=0.0, le=60.0, description="Motion no track explains, in a place just looked at without finding "
+        "anything (leaves, a screen), is looked at again only after this long."
     )
     max_scale: float = Field(
         1.0, gt=0.0, le=4.0, description="Regions are drawn on the model's canvas at up to this many canvas "

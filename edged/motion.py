@@ -19,8 +19,9 @@ Per frame (inference stage):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 import numpy as np
@@ -41,6 +42,8 @@ class MotionDetector:
         self._shape: Optional[Tuple[int, int]] = None
         self._kernel = np.ones((3, 3), np.uint8)
         self.moving_fraction = 0.0  # share of the small frame that moved, last update
+        self.mask: Optional[np.ndarray] = None  # last motion mask (small frame, uint8 0/1)
+        self.scale = (1.0, 1.0)  # frame pixels per mask pixel (x, y)
 
     def reset(self) -> None:
         self._bg = None
@@ -53,27 +56,50 @@ class MotionDetector:
         small = cv2.resize(image, (sw, sh), interpolation=cv2.INTER_AREA)
         grey = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
         grey = cv2.GaussianBlur(grey, (5, 5), 0)
+        self.scale = (w / sw, h / sh)
         if self._bg is None or self._shape != (sh, sw):
             self._bg = grey.astype(np.float32)
             self._shape = (sh, sw)
             self.moving_fraction = 0.0
+            self.mask = np.zeros((sh, sw), np.uint8)
             return np.zeros((0, 4), np.float32)
         diff = cv2.absdiff(grey.astype(np.float32), self._bg)
         cv2.accumulateWeighted(grey, self._bg, self.alpha)
         mask = (diff > self.threshold).astype(np.uint8)
         self.moving_fraction = float(mask.mean())
+        if mask.any():
+            mask = cv2.dilate(mask, self._kernel, iterations=2)
+        self.mask = mask
+        return self.boxes(mask)
+
+    def boxes(self, mask: np.ndarray) -> np.ndarray:
+        """Boxes (frame pixels) of the blobs of a mask of the small frame at least min_area large."""
         if not mask.any():
             return np.zeros((0, 4), np.float32)
-        mask = cv2.dilate(mask, self._kernel, iterations=2)
+        sh, sw = mask.shape
         n, _labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        min_px = self.min_area * sw * sh
+        min_px = max(1.0, self.min_area * sw * sh)
         keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= min_px]
         if not keep:
             return np.zeros((0, 4), np.float32)
         s = stats[keep]
         boxes = np.stack([s[:, 0], s[:, 1], s[:, 0] + s[:, 2], s[:, 1] + s[:, 3]], axis=1).astype(np.float32)
-        boxes *= np.array([w / sw, h / sh, w / sw, h / sh], np.float32)
+        fx, fy = self.scale
+        boxes *= np.array([fx, fy, fx, fy], np.float32)
         return boxes
+
+    def unexplained(self, covered: np.ndarray) -> np.ndarray:
+        """Blobs of the last motion that lie outside `covered` (boxes in frame pixels, e.g. the grown
+        boxes of live tracks): motion no track accounts for."""
+        if self.mask is None or not self.mask.any():
+            return np.zeros((0, 4), np.float32)
+        if not len(covered):
+            return self.boxes(self.mask)
+        rest = self.mask.copy()
+        fx, fy = self.scale
+        for x1, y1, x2, y2 in covered:
+            rest[max(0, int(y1 / fy)):int(np.ceil(y2 / fy)), max(0, int(x1 / fx)):int(np.ceil(x2 / fx))] = 0
+        return self.boxes(rest)
 
 
 # ---------------------------------------------------------------------------------------------- tracks
@@ -100,6 +126,16 @@ class TrackView:
 
 
 # ---------------------------------------------------------------------------------------------- geometry
+def _clip(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
+    """Boxes clipped to the frame, at least one pixel large (a track leaving the frame is looked for at
+    the edge where it left)."""
+    b = np.asarray(boxes, np.float64).copy()
+    b[:, 0::2] = np.clip(b[:, 0::2], 0, w - 1)
+    b[:, 1::2] = np.clip(b[:, 1::2], 0, h - 1)
+    b[:, 2] = np.maximum(b[:, 2], b[:, 0] + 1)
+    b[:, 3] = np.maximum(b[:, 3], b[:, 1] + 1)
+    return b
+
 def grow(boxes: np.ndarray, margin: float, frame_w: int, frame_h: int, min_size: float = 0.0) -> np.ndarray:
     """Boxes grown by `margin` x their size on every side (at least min_size / 2), clipped to the frame."""
     if not len(boxes):
@@ -191,6 +227,66 @@ def _shelf_pack(sizes: Sequence[Tuple[int, int]], net_w: int, net_h: int, gap: i
     return pos
 
 
+@dataclass(frozen=True)
+class Canvas:
+    """What one model call looks at: tiles on a canvas of height x width network pixels."""
+
+    tiles: Tuple[Tile, ...]
+    height: int
+    width: int
+    whole_frame: bool = False  # the frame letterboxed, as without motion gating
+
+
+def _letterbox_canvas(frame_w: int, frame_h: int, net_w: int, net_h: int) -> Canvas:
+    s = min(net_w / frame_w, net_h / frame_h)
+    tw, th = frame_w * s, frame_h * s
+    # Centred like the letterbox (edged.inference.yolo.letterbox_params): same pixels, same detections.
+    cx, cy = int((net_w - int(tw)) // 2), int((net_h - int(th)) // 2)
+    return Canvas((Tile((0.0, 0.0, float(frame_w), float(frame_h)), cx, cy, s),), net_h, net_w, True)
+
+
+def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net_h: int, *,
+                max_scale: float = 1.0, target_px: float = 96.0, stride: int = 32, whole_frame_at: float = 0.85,
+                can_run: Callable[[int, int], bool] = lambda h, w: True, gap: int = 8) -> Canvas:
+    """The canvas for one model call on `regions`: each drawn at one common scale, as large as useful (the
+    smallest region about `target_px` tall, at most max_scale, never below the whole-frame letterbox scale),
+    shelf-packed into the smallest canvas (multiples of `stride`, at most net_h x net_w) the model can run.
+    The convolutions cost in proportion to the canvas area, so regions covering little of the frame cost
+    little. Regions that need about as much canvas as the whole frame: the whole frame, letterboxed."""
+    whole = _letterbox_canvas(frame_w, frame_h, net_w, net_h)
+    if not len(regions):
+        return whole
+    lo = whole.tiles[0].scale
+    regions = np.round(regions).astype(np.int64)
+    heights = np.maximum(1, regions[:, 3] - regions[:, 1])
+    scale = float(np.clip(target_px / heights.min(), lo, max(lo, max_scale)))
+    whole_area = net_w * math.ceil(frame_h * lo / stride) * stride if frame_w / frame_h >= net_w / net_h \
+        else net_h * math.ceil(frame_w * lo / stride) * stride
+    while True:
+        sizes = [(max(1, int(round((r[2] - r[0]) * scale))), max(1, int(round((r[3] - r[1]) * scale)))) for r in regions]
+        best: Optional[Tuple[int, int, List[Tuple[int, int]]]] = None
+        for limit in range(net_w, 0, -stride):  # narrower shelves make taller canvases: keep the smallest
+            pos = _shelf_pack(sizes, limit, net_h, gap)
+            if pos is None:
+                break
+            cw = max(x + w for (x, _), (w, _) in zip(pos, sizes))
+            ch = max(y + h for (_, y), (_, h) in zip(pos, sizes))
+            cw, ch = math.ceil(cw / stride) * stride, math.ceil(ch / stride) * stride
+            if best is None or ch * cw < best[0] * best[1]:
+                best = (ch, cw, pos)
+        if best is not None:
+            ch, cw, pos = best
+            if ch * cw >= whole_frame_at * whole_area and scale <= lo * 1.05:
+                return whole  # about the whole frame anyway: see all of it
+            if (ch, cw) != (net_h, net_w) and not can_run(ch, cw):
+                ch, cw = net_h, net_w
+            tiles = tuple(Tile(tuple(float(v) for v in r), x, y, scale) for r, (x, y) in zip(regions, pos))
+            return Canvas(tiles, ch, cw)
+        if scale <= lo * 1.0001:
+            return whole
+        scale = max(lo, scale * 0.85)
+
+
 def pack(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net_h: int, *,
          max_scale: float = 1.0, gap: int = 8) -> List[Tile]:
     """Tiles for `regions` on one net_w x net_h canvas, all at the largest common scale that fits (at
@@ -275,6 +371,8 @@ def unpack(boxes: np.ndarray, tiles: Sequence[Tile]) -> Tuple[np.ndarray, np.nda
 
 
 # ---------------------------------------------------------------------------------------------- planning
+PERSISTENT_S = 1.0  # unexplained motion in one place for this long counts as persistent (not something entering)
+
 @dataclass
 class Plan:
     regions: np.ndarray  # (R, 4) frame pixels to examine; empty: no model call
@@ -284,28 +382,48 @@ class Plan:
 class RegionPlanner:
     """Decides per frame which regions the model looks at (see the module docstring)."""
 
-    def __init__(self, *, region_margin: float = 0.2, track_interval_s: float = 0.08, refresh_s: float = 2.0,
-                 explained: float = 0.6, min_region: float = 32.0):
+    def __init__(self, *, region_margin: float = 0.4, track_interval_s: float = 0.1, refresh_s: float = 2.0,
+                 motion_interval_s: float = 0.5, explained: float = 0.6, min_region: float = 32.0):
         self.region_margin = region_margin
         self.track_interval_s = track_interval_s
         self.refresh_s = refresh_s
+        self.motion_interval_s = motion_interval_s
         self.explained = explained
         self.min_region = min_region
         self._last_look: Dict[int, float] = {}  # track id -> stream time its region was last examined
+        # Where the model last looked, and when, on a coarse grid (frame / 16): motion that no track
+        # explains and that was looked at moments ago without finding anything (a swaying plant, a
+        # screen, a person the model cannot see) is looked at again only after motion_interval_s.
+        self._grid: Optional[np.ndarray] = None
+        self._moving_since: Optional[np.ndarray] = None
+        self._last_call = -np.inf  # stream time of the last model call
+        self._cell = (1.0, 1.0)
 
-    def plan(self, frame: Frame, motion: np.ndarray, view: TrackView) -> Plan:
+    def plan(self, frame: Frame, motion: np.ndarray, view: TrackView,
+             unexplained: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Plan:
+        """`motion`: boxes of what moved; `unexplained(covered)`: the moving blobs outside `covered`
+        boxes (MotionDetector.unexplained; without it, motion boxes mostly outside every track count)."""
         w, h = frame.size
         now = frame.stream_time
-        boxes = view.at(frame.index)
+        boxes = _clip(view.at(frame.index), w, h)
         reasons: Dict[str, int] = {}
         wanted: List[np.ndarray] = []
-        # Motion that no track explains: something new (or a track the tracker lost).
-        if len(motion):
+        self.note_motion(motion, w, h, now)
+        # Motion that no track explains: something new (or a track the tracker lost), looked at on the
+        # moving tracks' cadence (a call at most every track_interval_s for it).
+        if len(motion) and now - self._last_call >= self.track_interval_s - 1e-6:
             grown_tracks = grow(boxes, self.region_margin, w, h)
-            unexplained = covered_fraction(motion.astype(np.float64), grown_tracks) < self.explained
-            if unexplained.any():
-                wanted.append(motion[unexplained].astype(np.float64))
-                reasons["motion"] = int(unexplained.sum())
+            if unexplained is not None:
+                new = unexplained(grown_tracks).astype(np.float64)
+            else:
+                new = motion[covered_fraction(motion.astype(np.float64), grown_tracks) < self.explained].astype(np.float64)
+            if len(new):
+                new = new[self._looked_long_ago(new, w, h, now)]
+            if len(new):
+                # Motion shows only the part of a new object that changed (its leading edge when it slowly
+                # enters): look at generous surroundings, at least a quarter of the frame height around it.
+                wanted.append(grow(new, self.region_margin, w, h, min_size=0.25 * h))
+                reasons["motion"] = len(new)
         if len(view.ids):
             moving = covered_fraction(boxes, motion.astype(np.float64).reshape(-1, 4)) > 0.0 if len(motion) else \
                 np.zeros(len(view.ids), bool)
@@ -319,18 +437,63 @@ class RegionPlanner:
                             ("refresh", due_refresh & ~due_moving & view.confirmed)):
                 if m.any():
                     reasons[name] = int(m.sum())
-            if due.any():
-                wanted.append(boxes[due])
+            if due.any() or wanted:
+                # The cost is the model call, not the regions on its canvas: once a call is made, every live
+                # track is looked at, and their schedules line up (one call for all of them).
+                wanted.append(boxes)
         if not wanted:
             return Plan(np.zeros((0, 4)), reasons)
         regions = merge_overlapping(grow(np.concatenate(wanted), self.region_margin, w, h, self.min_region))
         return Plan(regions, reasons)
 
+    def _grid_for(self, w: int, h: int) -> np.ndarray:
+        gw, gh = max(1, w // 16), max(1, h // 16)
+        if self._grid is None or self._grid.shape != (gh, gw):
+            self._grid = np.full((gh, gw), -np.inf, np.float64)
+            self._cell = (w / gw, h / gh)
+        return self._grid
+
+    def _looked_long_ago(self, boxes: np.ndarray, w: int, h: int, now: float) -> np.ndarray:
+        """For each unexplained moving blob: worth a look now? New motion always is (something may be
+        entering); motion that has gone on in the same place for a while (PERSISTENT_S) without any
+        track explaining it is looked at again only motion_interval_s after the last look."""
+        grid = self._grid_for(w, h)
+        cx, cy = self._cell
+        moving = self._moving_since
+        out = np.ones(len(boxes), bool)
+        for i, (x1, y1, x2, y2) in enumerate(boxes):
+            sl = (slice(int(y1 // cy), int(np.ceil(y2 / cy))), slice(int(x1 // cx), int(np.ceil(x2 / cx))))
+            cells = grid[sl]
+            if cells.size:
+                persistent = np.mean(now - moving[sl] >= PERSISTENT_S) >= 0.5
+                recent = np.mean(now - cells < self.motion_interval_s) >= 0.8
+                out[i] = not (persistent and recent)
+        return out
+
+    def note_motion(self, motion: np.ndarray, w: int, h: int, now: float) -> None:
+        """Remember since when each cell has been moving without a break (for _looked_long_ago)."""
+        grid = self._grid_for(w, h)
+        if self._moving_since is None or self._moving_since.shape != grid.shape:
+            self._moving_since = np.full(grid.shape, np.inf)
+        cx, cy = self._cell
+        now_moving = np.zeros(grid.shape, bool)
+        for x1, y1, x2, y2 in motion:
+            now_moving[int(y1 // cy):int(np.ceil(y2 / cy)), int(x1 // cx):int(np.ceil(x2 / cx))] = True
+        since = self._moving_since
+        since[~now_moving] = np.inf
+        since[now_moving & np.isinf(since)] = now
+
     def looked(self, view: TrackView, frame: Frame, examined: np.ndarray) -> None:
-        """Record which tracks' regions were examined at this frame."""
+        """Record which regions (and so which tracks) were examined at this frame."""
+        w, h = frame.size
+        self._last_call = frame.stream_time
+        grid = self._grid_for(w, h)
+        cx, cy = self._cell
+        for x1, y1, x2, y2 in examined:
+            grid[int(np.ceil(y1 / cy)):int(y2 // cy), int(np.ceil(x1 / cx)):int(x2 // cx)] = frame.stream_time
         if not len(view.ids):
             return
-        boxes = view.at(frame.index)
+        boxes = _clip(view.at(frame.index), w, h)
         inside = covered_fraction(boxes, examined) >= 0.5 if len(examined) else np.zeros(len(view.ids), bool)
         for tid in view.ids[inside]:
             self._last_look[int(tid)] = frame.stream_time
@@ -353,18 +516,18 @@ class GatedDetector:
         self.motion = motion
         self.planner = planner
         self.max_scale = max_scale
-        net_h, net_w = model.input_size
-        self._canvas = np.empty((net_h, net_w, 3), np.uint8)
-        self.macs_per_call = int(getattr(model, "macs", 0) or 0)
+        self._canvases: Dict[Tuple[int, int], np.ndarray] = {}
+        self.macs_per_call = int(getattr(model, "macs", 0) or 0)  # at the model's full input size
         self.last_calls = 0  # model invocations for the last frame (0 or 1)
+        self.last_macs = 0  # multiply-accumulates of the last frame's call (a smaller canvas costs less)
         self.reasons: Dict[str, int] = {}
 
     def detect_frame(self, frame: Frame) -> Detections:
-        self.last_calls = 0
+        self.last_calls = self.last_macs = 0
         w, h = frame.size
         motion = self.motion.update(frame.image)
         view = self.view()
-        plan = self.planner.plan(frame, motion, view)
+        plan = self.planner.plan(frame, motion, view, self.motion.unexplained)
         for k, v in plan.reasons.items():
             self.reasons[k] = self.reasons.get(k, 0) + v
         if not len(plan.regions):
@@ -372,12 +535,19 @@ class GatedDetector:
             dets.examined = np.zeros((0, 4), np.float32)
             return dets
         net_h, net_w = self.model.input_size
-        tiles = pack(plan.regions, w, h, net_w, net_h, max_scale=self.max_scale)
-        render(frame.image, tiles, net_w, net_h, self._canvas)
-        raw = self.model.detect_canvas(self._canvas)
+        canvas = plan_canvas(plan.regions, w, h, net_w, net_h, max_scale=self.max_scale,
+                             stride=getattr(self.model, "stride", 32),
+                             can_run=getattr(self.model, "can_run", lambda ch, cw: (ch, cw) == (net_h, net_w)))
+        buf = self._canvases.get((canvas.height, canvas.width))
+        if buf is None:
+            buf = self._canvases[(canvas.height, canvas.width)] = np.empty((canvas.height, canvas.width, 3), np.uint8)
+        render(frame.image, canvas.tiles, canvas.width, canvas.height, buf)
+        raw = self.model.detect_canvas(buf)
         self.last_calls = 1
-        boxes, keep = unpack(raw.boxes, tiles)
+        macs_at = getattr(self.model, "macs_at", None)
+        self.last_macs = macs_at(canvas.height, canvas.width) if macs_at else self.macs_per_call
+        boxes, keep = unpack(raw.boxes, canvas.tiles)
         dets = Detections(boxes, raw.scores[keep], raw.class_ids[keep])
-        dets.examined = np.array([t.region for t in tiles], np.float32)
+        dets.examined = np.array([t.region for t in canvas.tiles], np.float32)
         self.planner.looked(view, frame, dets.examined)
         return dets

@@ -232,7 +232,8 @@ class Pipeline:
         c.detections += len(dets)
         calls = int(getattr(self.detector, "last_calls", 1))
         c.detector_calls += calls
-        c.macs += calls * int(getattr(self.detector, "macs_per_call", 0) or 0)
+        last_macs = getattr(self.detector, "last_macs", None)
+        c.macs += int(last_macs) if last_macs is not None else calls * int(getattr(self.detector, "macs_per_call", 0) or 0)
         encoder = self.encoder
         if encoder is not None and len(dets):
             if self.encode_lazily:

@@ -11,6 +11,7 @@ is imported when that backend is built.
 
 from __future__ import annotations
 
+import collections
 import importlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Protocol, Union, runtime_checkable
@@ -22,6 +23,7 @@ from edged.inference.runtime import ModelError, TensorSpec
 
 PathLike = Union[str, Path]
 CONFIG_KEY = "detector.backend"
+SIZED_INTERPRETERS = 3  # interpreters kept for other canvas sizes (each holds its own packed weights)
 
 
 @runtime_checkable
@@ -81,11 +83,46 @@ class TFLiteBackend:
         # An Edge TPU compiled graph hides its convolutions in one custom op: its MACs count as 0 here.
         self.macs = runtime.model_macs(self.model_path)
         self._feed = canvas_feed(self.input_spec)
+        self._threads = threads
+        # Smaller canvases (region-based detection): interpreters of the same model at other input sizes,
+        # built on first use and kept for the few sizes in use (an Edge TPU graph is compiled for one size).
+        self.resizable = delegate == "cpu"
+        self._sized: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+        self._unsupported: set = set()
+
+    def can_run(self, height: int, width: int) -> bool:
+        """Whether a canvas of this size can be run (the native size always can)."""
+        native = tuple(self.input_spec.shape[1:3])
+        if (height, width) == native:
+            return True
+        if not self.resizable or (height, width) in self._unsupported:
+            return False
+        try:
+            self._interpreter_for(height, width)
+        except (ModelError, RuntimeError, ValueError):
+            self._unsupported.add((height, width))
+            return False
+        return True
+
+    def _interpreter_for(self, height: int, width: int) -> Any:
+        key = (height, width)
+        it = self._sized.get(key)
+        if it is None:
+            data = runtime.resized_model(self.model_path, height, width)
+            it = runtime.load_interpreter(data, threads=self._threads, input_shape=[1, height, width, 3])
+            self._sized[key] = it
+            while len(self._sized) > SIZED_INTERPRETERS:
+                self._sized.popitem(last=False)
+        self._sized.move_to_end(key)
+        return it
 
     def run(self, canvas: np.ndarray) -> List[np.ndarray]:
-        self.interpreter.set_tensor(self.input_spec.index, self._feed(canvas))
-        self.interpreter.invoke()
-        return [self.interpreter.get_tensor(s.index) for s in self.output_specs]
+        it = self.interpreter
+        if canvas.shape[:2] != tuple(self.input_spec.shape[1:3]):
+            it = self._interpreter_for(canvas.shape[0], canvas.shape[1])
+        it.set_tensor(self.input_spec.index, self._feed(canvas))
+        it.invoke()
+        return [it.get_tensor(s.index) for s in self.output_specs]
 
 
 def _tflite(model_path: PathLike, *, threads: int = 2, edgetpu_device: str = "usb:0") -> TFLiteBackend:

@@ -102,16 +102,21 @@ def check_model_file(path: PathLike) -> bytes:
 
 
 def load_interpreter(
-    path: PathLike, *, threads: int = 2, delegate: str = "cpu", edgetpu_device: str = "usb:0",
+    path: Union[PathLike, bytes], *, threads: int = 2, delegate: str = "cpu", edgetpu_device: str = "usb:0",
     cpu_hint: str = "delegate: cpu", edgetpu_hint: str = "delegate: edgetpu",
+    input_shape: Optional[Sequence[int]] = None,
 ) -> Any:
     """A ready (tensors allocated) interpreter for `path`.
 
     delegate: "cpu" (XNNPACK, `threads` threads) or "edgetpu" (needs libedgetpu and a Coral device
     such as "usb:0" / "pci:0"; the model must be compiled with edgetpu_compiler). cpu_hint: the setting
     that runs on the CPU instead, and edgetpu_hint the one that loads the delegate, named in errors (the
-    caller's config key)."""
-    check_model_file(path)
+    caller's config key). `path` may also be the model's bytes (e.g. from `resized_model`)."""
+    content = bytes(path) if isinstance(path, (bytes, bytearray)) else None
+    if content is None:
+        check_model_file(path)
+    else:
+        path = "<model bytes>"
     Interpreter, load_delegate, name = _backend()
     delegates = []
     if delegate == "edgetpu":
@@ -139,9 +144,10 @@ def load_interpreter(
     elif delegate != "cpu":
         raise ModelError(f"{path}: unknown delegate {delegate!r} (expected 'cpu' or 'edgetpu')")
     try:
-        interp = Interpreter(
-            model_path=str(path), num_threads=int(threads), experimental_delegates=delegates or None
-        )
+        source = {"model_content": content} if content is not None else {"model_path": str(path)}
+        interp = Interpreter(**source, num_threads=int(threads), experimental_delegates=delegates or None)
+        if input_shape is not None:  # another input size (see resized_model), set before allocating
+            interp.resize_tensor_input(interp.get_input_details()[0]["index"], list(input_shape))
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         msg = str(exc).strip().splitlines()
@@ -629,3 +635,59 @@ def write_metadata(path_in: PathLike, path_out: PathLike, meta: Optional[Dict[st
 
 def _decode(name: Any) -> str:
     return name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name or "")
+
+
+_TENSOR_BUFFER = 2
+_OP_RESHAPE = 22
+
+
+def resized_model(path_or_bytes: Union[PathLike, bytes], height: int, width: int) -> bytes:
+    """The model's bytes with the constant shapes of its RESHAPE operators rewritten for an input of
+    height x width (NHWC image input), so `resize_tensor_input` + `allocate_tensors` work: the converter
+    writes nearest-neighbour upsampling as RESHAPE / TILE / RESHAPE with shapes fixed at conversion.
+
+    A shape's dimension 1 scales with the height and the next dimension that is not 1 (before the last,
+    the channels) with the width; anything else is left alone. Raises ModelError when a dimension would
+    not scale to a whole number (the model cannot run at that size)."""
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        buf, source = bytes(path_or_bytes), "<model bytes>"
+    else:
+        source = str(path_or_bytes)
+        buf = check_model_file(path_or_bytes)
+    out = bytearray(buf)
+    r = _Reader(buf, source)
+    model = r.table(r.u32(0))
+    codes = [max(oc.scalar(_OPCODE_DEPRECATED, "<b", 0), oc.scalar(_OPCODE_BUILTIN, "<i", 0))
+             for oc in model.tables(_MODEL_OPCODES)]
+    buffers = model.tables(_MODEL_BUFFERS)
+    graph = model.tables(_MODEL_SUBGRAPHS)[0]
+    tensors = graph.tables(_SUBGRAPH_TENSORS)
+    inputs = graph.ints(_SUBGRAPH_INPUTS)
+    shape0 = tensors[inputs[0]].ints(_TENSOR_SHAPE)
+    if len(shape0) != 4:
+        raise ModelError(f"{source}: expected an NHWC image input, got shape {shape0}")
+    h0, w0 = shape0[1], shape0[2]
+    for op in graph.tables(_SUBGRAPH_OPERATORS):
+        if codes[op.scalar(_OP_OPCODE, "<I", 0)] != _OP_RESHAPE:
+            continue
+        ins = op.ints(_OP_INPUTS)
+        if len(ins) < 2:
+            continue
+        b = tensors[ins[1]].scalar(_TENSOR_BUFFER, "<I", 0)
+        start, n = buffers[b].vector(_BUFFER_DATA) if 0 < b < len(buffers) else (0, 0)
+        if not start or n % 4:
+            continue  # a shape computed at run time: nothing to rewrite
+        dims = list(struct.unpack_from(f"<{n // 4}i", buf, start))
+        if len(dims) < 4:
+            continue
+        new = list(dims)
+        for axis, scale in ((1, (height, h0)), (next((i for i in range(2, len(dims) - 1) if dims[i] != 1), None), (width, w0))):
+            if axis is None:
+                continue
+            value = dims[axis] * scale[0]
+            if value % scale[1]:
+                raise ModelError(f"{source}: cannot run at {height}x{width}: a reshape dimension {dims[axis]} "
+                                 f"does not scale to a whole number")
+            new[axis] = value // scale[1]
+        struct.pack_into(f"<{len(new)}i", out, start, *new)
+    return bytes(out)

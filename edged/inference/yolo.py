@@ -280,6 +280,7 @@ class YoloDetector:
         position = {s.name: k for k, s in enumerate(self.backend.output_specs)}
         self._head_outputs: List[int] = []  # index in the backend's outputs of each head
         self._heads: List[_Head] = []
+        self._sized_heads: Dict[Tuple[int, int], List[_Head]] = {}
         for k, h in enumerate(heads_meta):
             try:
                 tensor, (gh, gw) = h["tensor"], (int(v) for v in h["grid"])
@@ -323,6 +324,45 @@ class YoloDetector:
         """(height, width) of the network input."""
         return self.net_h, self.net_w
 
+    def can_run(self, height: int, width: int) -> bool:
+        """Whether a canvas of this size (multiples of the largest head stride) can be detected on: the
+        network is convolutional, so a smaller canvas costs proportionally fewer MACs (region-based
+        detection packs its regions into the smallest canvas that holds them)."""
+        stride = self.stride
+        if height % stride or width % stride or height > self.net_h or width > self.net_w:
+            return False
+        check = getattr(self.backend, "can_run", None)
+        return (height, width) == (self.net_h, self.net_w) or bool(check and check(height, width))
+
+    @property
+    def stride(self) -> int:
+        """The largest head stride (network pixels per cell of the coarsest grid)."""
+        return max(self.net_h // hd.grid[0] for hd in self._heads)
+
+    def macs_at(self, height: int, width: int) -> int:
+        """MACs of one call on a canvas of this size (the convolutions scale with the area)."""
+        return int(round(self.macs * (height * width) / (self.net_h * self.net_w)))
+
+    def _heads_at(self, height: int, width: int) -> List[_Head]:
+        """The decoding heads for a canvas of another size: same anchors (network pixels), other grids."""
+        key = (height, width)
+        if (height, width) == (self.net_h, self.net_w):
+            return self._heads
+        heads = self._sized_heads.get(key)
+        if heads is None:
+            heads = []
+            for hd in self._heads:
+                stride = self.net_h // hd.grid[0]
+                gh, gw = height // stride, width // stride
+                a = hd.num_anchors
+                idx = np.arange(gh * gw * a)
+                cell, anchor = idx // a, idx % a
+                aw, ah = hd.aw[:a], hd.ah[:a]
+                heads.append(_Head(hd.spec, (gh, gw), a, hd.num_classes, hd.scale_x_y, (cell % gw).astype(np.float32),
+                                   (cell // gw).astype(np.float32), aw[anchor], ah[anchor]))
+            self._sized_heads[key] = heads
+        return heads
+
     # -- inference ------------------------------------------------------------------------------
     def _run_heads(self, canvas: np.ndarray) -> List[np.ndarray]:
         outputs = self.backend.run(canvas)
@@ -355,7 +395,8 @@ class YoloDetector:
         t1 = time.perf_counter()
         outputs = self._run_heads(canvas_rgb)
         t2 = time.perf_counter()
-        boxes, scores, cls = decode_heads(outputs, self._heads, self.net_h, self.net_w, self.score_threshold, self._class_ids)
+        h, w = canvas_rgb.shape[:2]
+        boxes, scores, cls = decode_heads(outputs, self._heads_at(h, w), h, w, self.score_threshold, self._class_ids)
         keep = nms(boxes, scores, cls, self.nms_iou, self.max_detections)
         boxes, scores, cls = boxes[keep], scores[keep], cls[keep]
         t3 = time.perf_counter()

@@ -164,7 +164,7 @@ class Tracker:
         if n:
             self._predict(S)
         # Tracks whose region the detector did not look at this frame: predicted only, not missed.
-        unseen = self._unseen(S, dets.examined) if n and dets.examined is not None else None
+        unseen = self._unseen(S, dets.examined, dets.frame_size) if n and dets.examined is not None else None
         if unseen is not None:
             S[unseen, TSU] -= 1.0
 
@@ -291,12 +291,16 @@ class Tracker:
         return need
 
     @staticmethod
-    def _unseen(S: np.ndarray, examined: np.ndarray) -> np.ndarray:
-        """Tracks whose predicted box centre lies in none of the examined regions."""
+    def _unseen(S: np.ndarray, examined: np.ndarray, frame_size: Optional[tuple] = None) -> np.ndarray:
+        """Tracks whose predicted box centre lies in none of the examined regions. A centre outside the
+        frame is taken at the nearest frame edge: a track that walked out is looked for where it left, and
+        missed there, instead of living on unseen forever."""
         regions = np.asarray(examined, np.float64).reshape(-1, 4)
         if not regions.shape[0]:
             return np.ones(S.shape[0], bool)
         x, y = S[:, 0:1], S[:, 1:2]
+        if frame_size is not None:
+            x, y = np.clip(x, 0, frame_size[0]), np.clip(y, 0, frame_size[1])
         inside = (x >= regions[:, 0]) & (x <= regions[:, 2]) & (y >= regions[:, 1]) & (y <= regions[:, 3])
         return ~inside.any(axis=1)
 
