@@ -114,6 +114,10 @@ class MotionConfig(_Section):
         2.0, gt=0.0, le=3600.0, description="A still track is looked at again at least this often (it is kept "
         "meanwhile: a frame that does not look at a track is not a miss for it)."
     )
+    scan_s: float = Field(
+        10.0, gt=0.0, le=3600.0, description="The whole frame is looked at at least this often (and at the "
+        "start): finds what is there without having been seen to move."
+    )
     motion_interval_s: float = Field(
         0.5, ge=0.0, le=60.0, description="Motion no track explains, in a place just looked at without finding "
         "anything (leaves, a screen), is looked at again only after this long."

@@ -383,11 +383,12 @@ class RegionPlanner:
     """Decides per frame which regions the model looks at (see the module docstring)."""
 
     def __init__(self, *, region_margin: float = 0.4, track_interval_s: float = 0.1, refresh_s: float = 2.0,
-                 motion_interval_s: float = 0.5, explained: float = 0.6, min_region: float = 32.0):
+                 motion_interval_s: float = 0.5, scan_s: float = 10.0, explained: float = 0.6, min_region: float = 32.0):
         self.region_margin = region_margin
         self.track_interval_s = track_interval_s
         self.refresh_s = refresh_s
         self.motion_interval_s = motion_interval_s
+        self.scan_s = scan_s
         self.explained = explained
         self.min_region = min_region
         self._last_look: Dict[int, float] = {}  # track id -> stream time its region was last examined
@@ -397,6 +398,7 @@ class RegionPlanner:
         self._grid: Optional[np.ndarray] = None
         self._moving_since: Optional[np.ndarray] = None
         self._last_call = -np.inf  # stream time of the last model call
+        self._last_scan = -np.inf  # stream time the whole frame was last looked at
         self._cell = (1.0, 1.0)
 
     def plan(self, frame: Frame, motion: np.ndarray, view: TrackView,
@@ -405,6 +407,10 @@ class RegionPlanner:
         boxes (MotionDetector.unexplained; without it, motion boxes mostly outside every track count)."""
         w, h = frame.size
         now = frame.stream_time
+        if now - self._last_scan >= self.scan_s:
+            # The whole frame now and then (and at the start): what is there without having been seen to
+            # move (present when edged started, arrived during a lighting change) is found too.
+            return Plan(np.array([[0.0, 0.0, float(w), float(h)]]), {"scan": 1})
         boxes = _clip(view.at(frame.index), w, h)
         reasons: Dict[str, int] = {}
         wanted: List[np.ndarray] = []
@@ -487,6 +493,8 @@ class RegionPlanner:
         """Record which regions (and so which tracks) were examined at this frame."""
         w, h = frame.size
         self._last_call = frame.stream_time
+        if any(x1 <= 0 and y1 <= 0 and x2 >= w - 1 and y2 >= h - 1 for x1, y1, x2, y2 in examined):
+            self._last_scan = frame.stream_time
         grid = self._grid_for(w, h)
         cx, cy = self._cell
         for x1, y1, x2, y2 in examined:

@@ -244,7 +244,7 @@ def frame_detector(model: Any, cfg: EdgedConfig, view: Callable[[], Any]) -> Any
         model, view,
         motion=MotionDetector(width=m.width, threshold=m.threshold, alpha=m.background_alpha, min_area=m.min_area),
         planner=RegionPlanner(region_margin=m.region_margin, track_interval_s=m.track_interval_s,
-                              refresh_s=m.refresh_s, motion_interval_s=m.motion_interval_s),
+                              refresh_s=m.refresh_s, motion_interval_s=m.motion_interval_s, scan_s=m.scan_s),
         max_scale=m.max_scale,
     )
 

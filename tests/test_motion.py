@@ -82,9 +82,13 @@ def test_planner_looks_only_where_needed():
     planner = RegionPlanner(track_interval_s=0.1, refresh_s=2.0)
     img = np.zeros((480, 640, 3), np.uint8)
     view = TrackView(0, np.array([7]), np.array([[100.0, 100, 150, 250]]), np.zeros((1, 2)), np.array([True]))
+    start = Frame(img, 0, 0.0, 0.9)
+    plan = planner.plan(start, np.zeros((0, 4), np.float32), view)
+    assert plan.reasons == {"scan": 1} and plan.regions.tolist() == [[0, 0, 640, 480]]  # the whole frame first
+    planner.looked(TrackView.empty(), start, plan.regions)
     f0 = Frame(img, 1, 0.0, 1.0)
     plan = planner.plan(f0, np.zeros((0, 4), np.float32), view)
-    assert plan.reasons == {"refresh": 1}  # never looked at yet
+    assert plan.reasons == {"refresh": 1}  # a track never looked at yet
     planner.looked(view, f0, plan.regions)
     still = planner.plan(Frame(img, 2, 0.0, 1.04), np.zeros((0, 4), np.float32), view)
     assert len(still.regions) == 0, "a still, recently seen track needs no model call"
@@ -94,6 +98,7 @@ def test_planner_looks_only_where_needed():
     assert new.reasons == {"motion": 1} and covered_fraction(np.array([[400, 300, 460, 420.0]]), new.regions)[0] == 1.0
     refresh = planner.plan(Frame(img, 60, 0.0, 3.1), np.zeros((0, 4), np.float32), view)
     assert refresh.reasons == {"refresh": 1}
+    assert planner.plan(Frame(img, 200, 0.0, 11.0), np.zeros((0, 4), np.float32), view).reasons == {"scan": 1}
 
 
 def test_merge_overlapping_regions():
@@ -131,3 +136,56 @@ def test_a_track_whose_region_was_not_examined_is_not_missed():
         if step.deleted:
             break
     assert step.deleted and step.deleted[0].track_id == track.track_id and k == 30
+
+
+def _run_scene(spec, overlay):
+    """The scene's frames through the daemon's own parts (one thread): (pipeline, events)."""
+    from edged.config import deep_merge, load_config
+    from edged.events import EventEngine
+    from edged.inference.encoder import AppearanceEncoder
+    from edged.inference.yolo import YoloDetector
+    from edged.pipeline import Pipeline
+    from edged.scene import Scene
+    from edged.service import frame_detector
+    from edged.tracking.tracker import Tracker
+
+    cfg = load_config(None, overlay=deep_merge({"detector": {"classes": ["person"]}}, overlay))
+    model = YoloDetector.from_config(cfg.detector)
+    encoder = AppearanceEncoder.from_config(cfg.encoder)
+    tracker = Tracker(cfg.tracker.resolved(encoder.suggested_max_cosine_distance))
+    view = {"v": TrackView.empty()}
+    events = []
+
+    class Sink:
+        def emit(self, evs, state):
+            events.extend(evs)
+
+    def observe(frame, step, dets):
+        view["v"] = TrackView(frame.index, *tracker.view())
+
+    p = Pipeline(source=None, detector=frame_detector(model, cfg, lambda: view["v"]), encoder=encoder,
+                 encode_lazily=True, tracker=tracker, sink=Sink(), source_fps=lambda: spec.fps, observers=[observe],
+                 make_engine=lambda f, fps: EventEngine(cfg.events, device_id="t", camera="c", class_names=model.class_names,
+                                                        frame_size=f.size, fps=fps, track_classes=["person"]))
+    scene = Scene(spec)
+    for i in range(spec.n_frames):
+        p.process(Frame(scene.frame(i)[0], i, 1_800_000_000.0 + i / spec.fps, i / spec.fps))
+    return p, events
+
+
+def test_people_standing_still_stay_tracked_on_a_few_model_calls():
+    from tests.conftest import need_module
+
+    need_module("skimage")
+    from edged.scene import SceneObject, SceneSpec, Waypoint
+
+    objs = (SceneObject(1, "astronaut", 220, (Waypoint(0, 180, 280), Waypoint(149, 180, 280))),
+            SceneObject(2, "cameraman", 190, (Waypoint(0, 470, 170), Waypoint(149, 470, 170))))
+    spec = SceneSpec(640, 480, 10.0, 150, 3, objs)  # 15 s, nothing moves
+    p, events = _run_scene(spec, {})
+    assert [e["type"] for e in events].count("enter") == 2
+    assert not [e for e in events if e["type"] == "exit"], "no exit while they stand there"
+    # The first frames confirm the tracks; then one look per refresh_s (2 s) keeps them.
+    assert p.counters.detector_calls <= 20, p.counters.detector_calls
+    full, _ = _run_scene(spec, {"detector": {"motion": {"enabled": False}}})
+    assert full.counters.macs >= 10 * p.counters.macs
