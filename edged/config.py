@@ -123,8 +123,8 @@ class MotionConfig(_Section):
         "anything (leaves, a screen), is looked at again only after this long."
     )
     max_scale: float = Field(
-        1.0, gt=0.0, le=4.0, description="Regions are drawn on the model's canvas at up to this many canvas "
-        "pixels per frame pixel (never fewer than in a whole-frame letterbox)."
+        2.0, gt=0.0, le=4.0, description="A small (far-away) object's region is enlarged on the model's canvas "
+        "up to this many canvas pixels per frame pixel (never fewer than in a whole-frame letterbox)."
     )
 
 

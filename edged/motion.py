@@ -246,24 +246,28 @@ def _letterbox_canvas(frame_w: int, frame_h: int, net_w: int, net_h: int) -> Can
 
 
 def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net_h: int, *,
-                max_scale: float = 1.0, target_px: float = 96.0, stride: int = 32, whole_frame_at: float = 0.85,
+                max_scale: float = 2.0, target_px: float = 172.0, stride: int = 32, whole_frame_at: float = 0.85,
                 can_run: Callable[[int, int], bool] = lambda h, w: True, gap: int = 8) -> Canvas:
-    """The canvas for one model call on `regions`: each drawn at one common scale, as large as useful (the
-    smallest region about `target_px` tall, at most max_scale, never below the whole-frame letterbox scale),
-    shelf-packed into the smallest canvas (multiples of `stride`, at most net_h x net_w) the model can run.
-    The convolutions cost in proportion to the canvas area, so regions covering little of the frame cost
-    little. Regions that need about as much canvas as the whole frame: the whole frame, letterboxed."""
+    """The canvas for one model call on `regions`. Each region is drawn at its own scale, as large as
+    useful: about `target_px` tall (a region is an object plus its margins: at the default margin an object
+    of about 96 canvas pixels, where the model sees best), at most max_scale, never below the whole-frame
+    letterbox scale. So a far-away person gets several times the pixels of the letterbox and a near one
+    no more than it. The regions are shelf-packed into the smallest canvas (multiples of `stride`, at most
+    net_h x net_w) the model can run; the convolutions cost in proportion to the canvas area. When they do
+    not fit, every scale shrinks (never below the letterbox's); regions that need about as much canvas as
+    the whole frame: the whole frame, letterboxed."""
     whole = _letterbox_canvas(frame_w, frame_h, net_w, net_h)
     if not len(regions):
         return whole
     lo = whole.tiles[0].scale
     regions = np.round(regions).astype(np.int64)
     heights = np.maximum(1, regions[:, 3] - regions[:, 1])
-    scale = float(np.clip(target_px / heights.min(), lo, max(lo, max_scale)))
+    scales = np.clip(target_px / heights, lo, max(lo, max_scale))
     whole_area = net_w * math.ceil(frame_h * lo / stride) * stride if frame_w / frame_h >= net_w / net_h \
         else net_h * math.ceil(frame_w * lo / stride) * stride
     while True:
-        sizes = [(max(1, int(round((r[2] - r[0]) * scale))), max(1, int(round((r[3] - r[1]) * scale)))) for r in regions]
+        sizes = [(max(1, int(round((r[2] - r[0]) * s))), max(1, int(round((r[3] - r[1]) * s))))
+                 for r, s in zip(regions, scales)]
         best: Optional[Tuple[int, int, List[Tuple[int, int]]]] = None
         for limit in range(net_w, 0, -stride):  # narrower shelves make taller canvases: keep the smallest
             pos = _shelf_pack(sizes, limit, net_h, gap)
@@ -274,58 +278,18 @@ def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net
             cw, ch = math.ceil(cw / stride) * stride, math.ceil(ch / stride) * stride
             if best is None or ch * cw < best[0] * best[1]:
                 best = (ch, cw, pos)
+        at_letterbox = bool(np.all(scales <= lo * 1.05))
         if best is not None:
             ch, cw, pos = best
-            if ch * cw >= whole_frame_at * whole_area and scale <= lo * 1.05:
+            if ch * cw >= whole_frame_at * whole_area and at_letterbox:
                 return whole  # about the whole frame anyway: see all of it
             if (ch, cw) != (net_h, net_w) and not can_run(ch, cw):
                 ch, cw = net_h, net_w
-            tiles = tuple(Tile(tuple(float(v) for v in r), x, y, scale) for r, (x, y) in zip(regions, pos))
+            tiles = tuple(Tile(tuple(float(v) for v in r), x, y, float(s)) for r, (x, y), s in zip(regions, pos, scales))
             return Canvas(tiles, ch, cw)
-        if scale <= lo * 1.0001:
+        if np.all(scales <= lo * 1.0001):
             return whole
-        scale = max(lo, scale * 0.85)
-
-
-def pack(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net_h: int, *,
-         max_scale: float = 1.0, gap: int = 8) -> List[Tile]:
-    """Tiles for `regions` on one net_w x net_h canvas, all at the largest common scale that fits (at
-    most max_scale). Below the whole-frame letterbox scale, one crop around all regions is used instead."""
-    full_scale = min(net_w / frame_w, net_h / frame_h)
-    regions = np.round(regions).astype(np.int64)
-    if len(regions):
-        lo, hi = full_scale, max(full_scale, max_scale)
-
-        def fits(s: float) -> Optional[List[Tuple[int, int]]]:
-            sizes = [(max(1, int(round((r[2] - r[0]) * s))), max(1, int(round((r[3] - r[1]) * s)))) for r in regions]
-            return _shelf_pack(sizes, net_w, net_h, gap)
-
-        if fits(lo) is not None:
-            best = lo
-            if fits(hi) is not None:
-                best = hi
-            else:
-                for _ in range(12):  # bisect the largest scale that still fits
-                    mid = (lo + hi) / 2
-                    if fits(mid) is not None:
-                        lo = best = mid
-                    else:
-                        hi = mid
-            positions = fits(best)
-            assert positions is not None
-            return [Tile(tuple(float(v) for v in r), x, y, best) for r, (x, y) in zip(regions, positions)]
-    # One crop around everything, with the network's aspect ratio, inside the frame.
-    if len(regions):
-        x1, y1 = regions[:, 0].min(), regions[:, 1].min()
-        x2, y2 = regions[:, 2].max(), regions[:, 3].max()
-    else:
-        x1, y1, x2, y2 = 0, 0, frame_w, frame_h
-    scale = min(max_scale, net_w / max(1, x2 - x1), net_h / max(1, y2 - y1))
-    scale = max(scale, full_scale)
-    cw, ch = min(frame_w, net_w / scale), min(frame_h, net_h / scale)
-    cx = min(max(0.0, (x1 + x2) / 2 - cw / 2), frame_w - cw)
-    cy = min(max(0.0, (y1 + y2) / 2 - ch / 2), frame_h - ch)
-    return [Tile((float(cx), float(cy), float(cx + cw), float(cy + ch)), 0, 0, scale)]
+        scales = np.maximum(lo, scales * 0.85)
 
 
 def render(image_bgr: np.ndarray, tiles: Sequence[Tile], net_w: int, net_h: int, out: np.ndarray,
@@ -518,7 +482,7 @@ class GatedDetector:
     `model` needs `input_size` ((h, w)), `macs` (per call) and `detect_canvas(rgb_canvas)` returning
     Detections in canvas pixels; `view()` returns the newest TrackView the tracking stage published."""
 
-    def __init__(self, model, view, *, motion: MotionDetector, planner: RegionPlanner, max_scale: float = 1.0):
+    def __init__(self, model, view, *, motion: MotionDetector, planner: RegionPlanner, max_scale: float = 2.0):
         self.model = model
         self.view = view
         self.motion = motion

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 
 from edged.motion import (
-    MotionDetector, RegionPlanner, Tile, TrackView, covered_fraction, merge_overlapping, pack, render, unpack,
+    MotionDetector, RegionPlanner, Tile, TrackView, covered_fraction, merge_overlapping, plan_canvas, render, unpack,
 )
 from edged.types import Frame
 from tests.conftest import shared_path
@@ -45,12 +45,14 @@ def test_motion_boxes_cover_the_walking_people_and_nothing_moves_in_a_still_fram
     assert len(boxes) == 0 and still.moving_fraction == 0.0
 
 
-def test_pack_render_unpack_maps_boxes_back_exactly():
+def test_plan_render_unpack_maps_boxes_back_exactly():
     frame_w, frame_h = 1920, 1080
     regions = np.array([[100, 200, 180, 400], [1500, 600, 1620, 900], [900, 100, 960, 220]], float)
-    tiles = pack(regions, frame_w, frame_h, 416, 416)
-    assert len(tiles) == 3 and tiles[0].scale >= 416 / 1920
-    assert tiles[0].scale == 1.0, "small regions are drawn at full resolution (max_scale)"
+    canvas = plan_canvas(regions, frame_w, frame_h, 416, 416, max_scale=1.0)
+    tiles = canvas.tiles
+    assert len(tiles) == 3 and min(t.scale for t in tiles) >= 416 / 1920
+    assert [t.scale for t in tiles] == [0.86, 0.5733333333333334, 1.0], "each region sized to ~172 px, at most max_scale"
+    assert canvas.height < 416 or canvas.width < 416, "a smaller canvas than the model's full input"
     # A box in each region, as if the model found it on the canvas.
     canvas_boxes = []
     for t in tiles:
@@ -65,17 +67,17 @@ def test_pack_render_unpack_maps_boxes_back_exactly():
     # Rendering puts each region's pixels at its tile.
     img = np.zeros((frame_h, frame_w, 3), np.uint8)
     img[200:400, 100:180] = (0, 0, 255)  # red in BGR
-    out = render(img, tiles, 416, 416, np.empty((416, 416, 3), np.uint8))
+    out = render(img, tiles, canvas.width, canvas.height, np.empty((canvas.height, canvas.width, 3), np.uint8))
     t = next(t for t in tiles if t.region[0] == 100)
     assert tuple(out[t.cy + 5, t.cx + 5]) == (255, 0, 0)  # RGB on the canvas
 
 
-def test_regions_that_do_not_fit_become_one_crop_at_least_as_sharp_as_the_letterbox():
+def test_regions_that_do_not_fit_become_the_whole_frame_letterboxed():
     regions = np.array([[0, 0, 1000, 1050], [1010, 0, 1910, 1050]], float)  # no room for both at 0.2167
-    tiles = pack(regions, 1920, 1080, 416, 416)
-    assert len(tiles) == 1
-    (t,) = tiles
-    assert t.scale >= 416 / 1920 - 1e-9 and t.region[2] - t.region[0] <= 1920
+    canvas = plan_canvas(regions, 1920, 1080, 416, 416)
+    assert canvas.whole_frame and (canvas.height, canvas.width) == (416, 416)
+    (t,) = canvas.tiles
+    assert abs(t.scale - 416 / 1920) < 1e-9 and t.region == (0.0, 0.0, 1920.0, 1080.0)
 
 
 def test_planner_looks_only_where_needed():
