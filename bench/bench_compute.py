@@ -145,6 +145,7 @@ class Result:
     idf1: float
     id_switches: int
     enters: int
+    exits: int
     recall: float  # detections (IoU >= 0.5) per ground-truth box, over the frames the model ran on
 
 
@@ -205,7 +206,8 @@ def run_mode(scenario: Scenario, mode: str) -> Result:
     s = score([("x", scenario.gt, np.array(rows, float).reshape(-1, 6))])[0]
     return Result(mode, n, p.counters.macs / max(1, n) / 1e9, cpu * 1e3 / max(1, n), p.counters.detector_calls,
                   p.counters.encoded, s.mota, s.idf1, s.id_switches,
-                  sum(1 for e in events if e["type"] == "enter"), _recall(scenario.gt, det_rows))
+                  sum(1 for e in events if e["type"] == "enter"), sum(1 for e in events if e["type"] == "exit"),
+                  _recall(scenario.gt, det_rows))
 
 
 def _recall(gt: np.ndarray, det_rows: Dict[int, np.ndarray]) -> float:
@@ -227,12 +229,12 @@ def _recall(gt: np.ndarray, det_rows: Dict[int, np.ndarray]) -> float:
 def table(name: str, results: List[Result]) -> str:
     full = next((r for r in results if r.mode == "full"), None)
     lines = [f"\n#### {name}\n",
-             "| mode | GMAC / frame | x fewer than full | x86 ms / frame | model calls | encoded crops | MOTA | IDF1 | ID switches | `enter` events | detection recall |",
+             "| mode | GMAC / frame | x fewer than full | x86 ms / frame | model calls | encoded crops | MOTA | IDF1 | ID switches | `enter` / `exit` events | detection recall |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = f"{full.gmac_per_frame / r.gmac_per_frame:.1f}" if full and r.gmac_per_frame > 0 else ("inf" if full else "-")
         lines.append(f"| {r.mode} | {r.gmac_per_frame:.3f} | {ratio} | {r.ms_per_frame:.1f} | {r.calls} / {r.frames} | "
-                     f"{r.encoded} | {r.mota:.3f} | {r.idf1:.3f} | {r.id_switches} | {r.enters} | {r.recall:.3f} |")
+                     f"{r.encoded} | {r.mota:.3f} | {r.idf1:.3f} | {r.id_switches} | {r.enters} / {r.exits} | {r.recall:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -246,13 +246,14 @@ def _letterbox_canvas(frame_w: int, frame_h: int, net_w: int, net_h: int) -> Can
 
 
 def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net_h: int, *,
-                max_scale: float = 2.0, target_px: float = 172.0, stride: int = 32, whole_frame_at: float = 0.85,
+                max_scale: float = 2.0, target_px: float = 172.0, small_px: float = 80.0, stride: int = 32,
+                whole_frame_at: float = 0.7,
                 can_run: Callable[[int, int], bool] = lambda h, w: True, gap: int = 8) -> Canvas:
-    """The canvas for one model call on `regions`. Each region is drawn at its own scale, as large as
-    useful: about `target_px` tall (a region is an object plus its margins: at the default margin an object
-    of about 96 canvas pixels, where the model sees best), at most max_scale, never below the whole-frame
-    letterbox scale. So a far-away person gets several times the pixels of the letterbox and a near one
-    no more than it. The regions are shelf-packed into the smallest canvas (multiples of `stride`, at most
+    """The canvas for one model call on `regions`. A region is drawn at the whole-frame letterbox scale (the
+    model sees it as it would in the whole frame), unless that leaves it under `small_px` tall: then it is
+    enlarged to about `target_px` (a region is an object plus its margins: at the default margin an object
+    of about 96 canvas pixels, where the model sees best), at most max_scale. So a far-away person gets
+    several times the pixels of the letterbox, and everything else exactly the letterbox's. The regions are shelf-packed into the smallest canvas (multiples of `stride`, at most
     net_h x net_w) the model can run; the convolutions cost in proportion to the canvas area. When they do
     not fit, every scale shrinks (never below the letterbox's); regions that need about as much canvas as
     the whole frame: the whole frame, letterboxed."""
@@ -262,7 +263,7 @@ def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net
     lo = whole.tiles[0].scale
     regions = np.round(regions).astype(np.int64)
     heights = np.maximum(1, regions[:, 3] - regions[:, 1])
-    scales = np.clip(target_px / heights, lo, max(lo, max_scale))
+    scales = np.where(heights * lo >= small_px, lo, np.clip(target_px / heights, lo, max(lo, max_scale)))
     whole_area = net_w * math.ceil(frame_h * lo / stride) * stride if frame_w / frame_h >= net_w / net_h \
         else net_h * math.ceil(frame_w * lo / stride) * stride
     while True:
@@ -303,7 +304,7 @@ def render(image_bgr: np.ndarray, tiles: Sequence[Tile], net_w: int, net_h: int,
         crop = image_bgr[y1:y2, x1:x2]
         if crop.size == 0 or tw <= 0 or th <= 0:
             continue
-        interp = cv2.INTER_AREA if t.scale < 1.0 else cv2.INTER_LINEAR
+        interp = cv2.INTER_LINEAR  # as the whole-frame letterbox (edged.inference.yolo): the same pixels
         resized = crop if (crop.shape[1], crop.shape[0]) == (tw, th) else cv2.resize(crop, (tw, th), interpolation=interp)
         out[t.cy:t.cy + th, t.cx:t.cx + tw] = resized[..., ::-1]
     return out

@@ -51,7 +51,7 @@ def test_plan_render_unpack_maps_boxes_back_exactly():
     canvas = plan_canvas(regions, frame_w, frame_h, 416, 416, max_scale=1.0)
     tiles = canvas.tiles
     assert len(tiles) == 3 and min(t.scale for t in tiles) >= 416 / 1920
-    assert [t.scale for t in tiles] == [0.86, 0.5733333333333334, 1.0], "each region sized to ~172 px, at most max_scale"
+    assert [t.scale for t in tiles] == [0.86, 0.5733333333333334, 1.0], "small regions enlarged to ~172 px, at most max_scale"
     assert canvas.height < 416 or canvas.width < 416, "a smaller canvas than the model's full input"
     # A box in each region, as if the model found it on the canvas.
     canvas_boxes = []
