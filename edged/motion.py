@@ -497,6 +497,7 @@ class GatedDetector:
 
     def detect_frame(self, frame: Frame) -> Detections:
         self.last_calls = self.last_macs = 0
+        self.last_invoke_ms = 0.0
         w, h = frame.size
         motion = self.motion.update(frame.image)
         view = self.view()
@@ -517,6 +518,7 @@ class GatedDetector:
         render(frame.image, canvas.tiles, canvas.width, canvas.height, buf)
         raw = self.model.detect_canvas(buf)
         self.last_calls = 1
+        self.last_invoke_ms = float(getattr(self.model, "last_timing", {}).get("invoke_ms", 0.0))
         macs_at = getattr(self.model, "macs_at", None)
         self.last_macs = macs_at(canvas.height, canvas.width) if macs_at else self.macs_per_call
         boxes, keep = unpack(raw.boxes, canvas.tiles)

@@ -159,6 +159,7 @@ class PipelineCounters:
     detector_calls: int = 0  # model invocations (motion gating: none on a still frame)
     encoded: int = 0  # detections described by the appearance encoder
     macs: int = 0  # multiply-accumulates the detector and the encoder executed
+    model_ms: float = 0.0  # time spent inside model invocations (detector and encoder)
     last_frame_at: float = 0.0  # monotonic time the last frame left the tracking stage (0 = none yet)
     stage_ms: Dict[str, float] = field(default_factory=dict)  # exponential moving averages
 
@@ -234,6 +235,8 @@ class Pipeline:
         c.detector_calls += calls
         last_macs = getattr(self.detector, "last_macs", None)
         c.macs += int(last_macs) if last_macs is not None else calls * int(getattr(self.detector, "macs_per_call", 0) or 0)
+        if calls:
+            c.model_ms += float(getattr(self.detector, "last_invoke_ms", 0.0) or 0.0)
         encoder = self.encoder
         if encoder is not None and len(dets):
             if self.encode_lazily:
@@ -245,7 +248,9 @@ class Pipeline:
 
     def _encode(self, encoder: Encoder, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         with self._encoder_lock:  # lazily encoding on the tracking thread and eagerly here never overlap
+            t0 = self._clock()
             feats = encoder.encode(image, boxes)
+            self.counters.model_ms += (self._clock() - t0) * 1e3
         self.counters.encoded += len(boxes)
         self.counters.macs += len(boxes) * int(getattr(encoder, "macs", 0) or 0)
         return feats

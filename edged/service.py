@@ -231,6 +231,10 @@ class FullFrameDetector:
     def detect_frame(self, frame: Frame) -> Detections:
         return self.model.detect(frame.image)
 
+    @property
+    def last_invoke_ms(self) -> float:
+        return float(getattr(self.model, "last_timing", {}).get("invoke_ms", 0.0))
+
 
 def frame_detector(model: Any, cfg: EdgedConfig, view: Callable[[], Any]) -> Any:
     """The detector part the config asks for: motion-gated regions (detector.motion.enabled) or the
@@ -529,6 +533,12 @@ class Daemon:
             "frames_processed": processed,
             "events": counters.events if counters else 0,
             "detections": counters.detections if counters else 0,
+            "detector_calls": counters.detector_calls if counters else 0,
+            "encoded_crops": counters.encoded if counters else 0,
+            # Device-independent cost: multiply-accumulates executed per frame (docs/performance.md turns it
+            # into the fps to expect on a Raspberry Pi or a Coral).
+            "gmac_per_frame": round(counters.macs / processed / 1e9, 3) if counters and processed else 0.0,
+            "model_ms_per_frame": round(counters.model_ms / processed, 2) if counters and processed else 0.0,
             "capture": cap,
             "stage_ms": {k: round(v, 2) for k, v in (counters.stage_ms.items() if counters else ())},
             "stages": self.supervisor.stats(),
