@@ -85,6 +85,19 @@ def _scene(spec) -> Scenario:
     return Scenario("", spec.fps, frames, np.array(rows, float).reshape(-1, 6), classes)
 
 
+def _far_spec():
+    """1080p, small far-away people (40-70 px tall) crossing at different depths."""
+    from edged.scene import SceneObject, SceneSpec, Waypoint
+
+    objs = (
+        SceneObject(1, "astronaut", 60, (Waypoint(0, -40, 420), Waypoint(199, 1960, 420))),
+        SceneObject(2, "cameraman", 45, (Waypoint(20, 1960, 300), Waypoint(199, -40, 300)), flip=True),
+        SceneObject(3, "astronaut", 70, (Waypoint(40, 600, 1120), Waypoint(199, 900, 520))),
+        SceneObject(4, "cameraman", 40, (Waypoint(0, 1500, 250), Waypoint(199, 1700, 250))),
+    )
+    return SceneSpec(1920, 1080, 10.0, 200, 5, objs)
+
+
 def scenarios() -> Dict[str, Callable[[], Scenario]]:
     from edged.scene import SceneObject, SceneSpec, Waypoint, default_scene
 
@@ -118,14 +131,7 @@ def scenarios() -> Dict[str, Callable[[], Scenario]]:
         return s
 
     def far() -> Scenario:
-        # 1080p, small far-away people (40-70 px tall) crossing at different depths.
-        objs = (
-            SceneObject(1, "astronaut", 60, (Waypoint(0, -40, 420), Waypoint(199, 1960, 420))),
-            SceneObject(2, "cameraman", 45, (Waypoint(20, 1960, 300), Waypoint(199, -40, 300)), flip=True),
-            SceneObject(3, "astronaut", 70, (Waypoint(40, 600, 1120), Waypoint(199, 900, 520))),
-            SceneObject(4, "cameraman", 40, (Waypoint(0, 1500, 250), Waypoint(199, 1700, 250))),
-        )
-        s = _scene(SceneSpec(1920, 1080, 10.0, 200, 5, objs))
+        s = _scene(_far_spec())
         s.name = "far people, 1080p (40-70 px tall, 10 fps, 200 frames)"
         return s
 

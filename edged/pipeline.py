@@ -161,6 +161,7 @@ class PipelineCounters:
     macs: int = 0  # multiply-accumulates the detector and the encoder executed
     model_ms: float = 0.0  # time spent inside model invocations (detector and encoder)
     last_frame_at: float = 0.0  # monotonic time the last frame left the tracking stage (0 = none yet)
+    first_frame_at: float = 0.0  # monotonic time the first frame left it
     stage_ms: Dict[str, float] = field(default_factory=dict)  # exponential moving averages
 
     def add_time(self, stage: str, ms: float) -> None:
@@ -319,6 +320,8 @@ class Pipeline:
             observe(frame, step, item.detections)
         self.counters.frames_processed += 1
         self.counters.last_frame_at = self._clock()
+        if not self.counters.first_frame_at:
+            self.counters.first_frame_at = self.counters.last_frame_at
         return self.deliver(events)
 
     def deliver(self, events: List[dict]) -> List[dict]:

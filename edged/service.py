@@ -539,6 +539,9 @@ class Daemon:
             # into the fps to expect on a Raspberry Pi or a Coral).
             "gmac_per_frame": round(counters.macs / processed / 1e9, 3) if counters and processed else 0.0,
             "model_ms_per_frame": round(counters.model_ms / processed, 2) if counters and processed else 0.0,
+            # Frames per second over the whole run so far (first to last processed frame).
+            "processing_fps": round((processed - 1) / (counters.last_frame_at - counters.first_frame_at), 2)
+            if counters and processed > 1 and counters.last_frame_at > counters.first_frame_at else 0.0,
             "capture": cap,
             "stage_ms": {k: round(v, 2) for k, v in (counters.stage_ms.items() if counters else ())},
             "stages": self.supervisor.stats(),
