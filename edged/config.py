@@ -316,6 +316,20 @@ class MqttConfig(_Section):
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the password."
     )
     topic_prefix: str = Field("edged", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+    site: Optional[str] = Field(
+        None, pattern=IDENT_RE,
+        description="Optional site level: topics become <topic_prefix>/<site>/<device_id>/... ('fleet' is reserved).",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto",
+        description="MQTT protocol version. auto: MQTT 5, falling back to 3.1.1 for the rest of the run when the "
+        "broker refuses version 5 (RabbitMQ, NATS, Azure IoT Hub...).",
+    )
+    position_expiry_s: float = Field(
+        60.0, ge=0.0, le=86400.0,
+        description="Position updates older than this are not sent; on MQTT 5 the broker also drops them for "
+        "subscribers that have not received them within the rest of this time. 0 = never expire.",
+    )
     keepalive: int = Field(30, ge=5, le=3600)
     qos_events: Literal[0, 1, 2] = 1
     qos_tracks: Literal[0, 1, 2] = 0
@@ -333,6 +347,19 @@ class MqttConfig(_Section):
     tls: TlsConfig = TlsConfig()
     outbox: OutboxConfig = OutboxConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: Any) -> Any:
+        # YAML reads `protocol: 5` as a number.
+        return "5" if v == 5 and not isinstance(v, bool) else v
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: Optional[str]) -> Optional[str]:
+        if v == "fleet":
+            raise ValueError("'fleet' is reserved for fleet-wide topics (<topic_prefix>/fleet/config/desired)")
+        return v
 
     @field_validator("topic_prefix")
     @classmethod
