@@ -520,7 +520,7 @@ class MqttPublisher:
         self._sent_at[info.mid] = time.monotonic()
         with self._stats_lock:
             self._inflight[info.mid] = (None, self.topics.availability)
-        for topic, qos in list(self._subscriptions.items()):
+        for topic, (qos, _on_message) in list(self._subscriptions.items()):
             self._client.subscribe(topic, qos=qos)
         log.debug("mqtt: connected to %s:%d, publishing online", self.cfg.host, self.cfg.port)
 
