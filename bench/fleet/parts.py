@@ -302,6 +302,16 @@ class Device:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
+    def outbox_depth(self) -> int:
+        """Rows still queued in the device's outbox (read after the process ended)."""
+        import sqlite3
+
+        db = self.workdir / "state" / "outbox.sqlite3"
+        if not db.exists():
+            return 0
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+            return int(con.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
     def committed(self) -> List[str]:
         """Lines printed over every run (one JSON event per line, after its outbox commit)."""
         lines: List[str] = []

@@ -75,6 +75,7 @@ class FleetResult:
     counts_equal: bool = False
     count_check: Dict[str, dict] = field(default_factory=dict)
     excluded_from_check: List[str] = field(default_factory=list)
+    left_in_outbox: int = 0  # committed rows still queued on a device after its clean stop
     consumer_connects: int = 0
     device_restarts_seen: int = 0
     faults: List[str] = field(default_factory=list)
@@ -195,10 +196,17 @@ def run_fleet(spec: FleetSpec, log=print) -> FleetResult:
         result.broker_cpu_s = round(cpu_broker.total() - broker0, 1)
         result.broker_cpu_pct = round(100.0 * result.broker_cpu_s / window, 1)
         log("stopping the devices (clean: exits for live tracks, outbox drained)")
-        for d in devices:
-            d.signal_stop()
-        for d in devices:
-            d.stop(60)
+        # In batches: a device drains its outbox for at most 5 s when stopped; 200 at once on 2 cores may not.
+        for i in range(0, len(devices), spec.start_batch * 2):
+            batch = devices[i:i + spec.start_batch * 2]
+            for d in batch:
+                d.signal_stop()
+            for d in batch:
+                d.stop(60)
+        left = {d.device_id: n for d in devices if (n := d.outbox_depth())}
+        result.left_in_outbox = sum(left.values())
+        if left:
+            result.notes.append(f"rows left in outboxes after the stop (delivered at the next start): {left}")
         sent: Dict[str, dict] = {}
         for d in devices:
             sent.update(_committed_events(d))
