@@ -217,3 +217,20 @@ def test_remote_config_round_trip(target, tmp_path):
         assert effective is not None and json.loads(effective)["detector"]["score_threshold"] == 0.42
     finally:
         assert dev.stop() == 0, dev.stderr_tail()
+
+
+def test_compatibility_table_rows_name_existing_tests():
+    """Every row of docs/mqtt.md's compatibility table names the tests behind it, and they exist."""
+    import re
+
+    doc = (ROOT / "docs" / "mqtt.md").read_text()
+    table = doc.split("## Broker compatibility", 1)[1].split("\n\n", 2)[2].split("\n\n", 1)[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| |")]
+    assert len(rows) >= 9
+    defined = set()
+    for f in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", f.read_text(), re.M))
+    for row in rows:
+        named = re.findall(r"`(test_\w+)`", row.split("|")[1])
+        assert named, f"row without a test: {row[:60]}"
+        assert set(named) <= defined, f"unknown test in: {row[:60]}"

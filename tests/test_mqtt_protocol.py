@@ -267,3 +267,16 @@ def test_fresh_positions_carry_the_remaining_expiry_on_v5(pool, outbox):
         pub.stop(timeout=2)
         sub.close()
         broker.cleanup()
+
+
+def test_site_and_protocol_cannot_be_set_remotely():
+    """A remote overlay must not move a device's topics (mqtt.site) or its protocol: a wrong value
+    could cut it off from the broker, and so from any remote fix."""
+    from edged.remote_config import Rejected, parse_desired
+
+    for key, value in (("site", "elsewhere"), ("protocol", "3.1.1")):
+        with pytest.raises(Rejected) as e:
+            parse_desired(json.dumps({"version": 1, "config": {"mqtt": {key: value}}}).encode(), "device")
+        assert any(err.startswith(f"mqtt.{key}:") for err in e.value.errors)
+    desired = parse_desired(json.dumps({"version": 2, "config": {"mqtt": {"position_expiry_s": 5}}}).encode(), "fleet")
+    assert desired.overlay == {"mqtt": {"position_expiry_s": 5}}
