@@ -144,6 +144,9 @@ class MqttPublisher:
         # mid -> (row id or None for our own availability messages, topic)
         self._inflight: Dict[int, Tuple[Optional[int], str]] = {}
         self._sent_at: Dict[int, float] = {}  # mid -> monotonic time handed to paho (stall detection)
+        # mids of QoS 0 rows handed to paho and not yet written to the socket (paho's "ack" for QoS 0).
+        # paho drops unwritten packets when it reconnects and never reports them: see _handle_disconnect.
+        self._qos0: set = set()
         self._acked_pending: list = []  # row ids the broker acknowledged, not yet deleted from the outbox
         self._last_ack_at = time.monotonic()
         self._stalls = 0
@@ -209,6 +212,7 @@ class MqttPublisher:
         if self._inflight or self._sent_at:  # never before a first connection; kept safe anyway
             self._inflight.clear()
             self._sent_at.clear()
+            self._qos0.clear()
             self._cursor = 0  # unacknowledged rows are still in the outbox: send them again
         self._refused_pending = False
         log.info("mqtt: %s:%d %s; trying MQTT %s%s", self.cfg.host, self.cfg.port, why, protocol,
@@ -321,6 +325,7 @@ class MqttPublisher:
             "connect_refused": counts.get("connect_refused", 0),
             "connect_failed": counts.get("connect_failed", 0),
             "expired": counts.get("expired", 0),
+            "qos0_unsent": counts.get("qos0_unsent", 0),
             "dropped": outbox["dropped"],
             "coalesced": outbox["coalesced"],
             "last_error": last_error,
@@ -448,6 +453,7 @@ class MqttPublisher:
         self._status("connect_failed", {"attempts": n, "reason": why})
 
     def _handle_ack(self, mid: int, rc: Any, acked: list) -> None:
+        self._qos0.discard(mid)
         with self._stats_lock:
             entry = self._inflight.pop(mid, None)
         if self._sent_at.pop(mid, None) is not None:
@@ -546,6 +552,7 @@ class MqttPublisher:
                     return
             self._refused_pending = False
             return
+        self._forget_unwritten_qos0()
         with self._stats_lock:
             self._counts["disconnects"] += 1
             if _rc_value(rc) != 0:
@@ -553,6 +560,25 @@ class MqttPublisher:
         log.warning("mqtt: disconnected from %s:%d: %s; %d queued, reconnecting",
                     self.cfg.host, self.cfg.port, _rc_text(rc), self.outbox.depth())
         self._status("disconnected", {"reason": str(rc)})
+
+    def _forget_unwritten_qos0(self) -> None:
+        """QoS 0 rows paho had not written to the socket when the connection went (a full send buffer on a
+        dead link): paho drops them at the reconnect without a callback. Left in flight, each would hold
+        a window slot for good (enough of them stop delivery). At most once: they are deleted, counted
+        `qos0_unsent` (position updates and stats; events are QoS 1 by default)."""
+        if not self._qos0:
+            return
+        rows = []
+        with self._stats_lock:
+            for mid in self._qos0:
+                entry = self._inflight.pop(mid, None)
+                if entry is not None and entry[0] is not None:
+                    rows.append(entry[0])
+            self._counts["qos0_unsent"] += len(rows)
+        self._qos0.clear()
+        if rows:
+            log.info("mqtt: %d QoS 0 messages were not written before the connection was lost; dropped", len(rows))
+            self._acked_pending.extend(rows)
 
     def _rate_room(self) -> int:
         """Publishes the rate limit allows now; sets when to look again if none."""
@@ -606,11 +632,15 @@ class MqttPublisher:
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 log.warning("mqtt: paho did not queue row %d: %s", row.id, mqtt.error_string(info.rc))
                 break
-            # NO_CONN: paho keeps it in its session and sends it after the reconnect.
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and row.qos == 0:
+                break  # paho does not keep QoS 0 without a connection: send it after the reconnect
+            # NO_CONN (QoS 1/2): paho keeps it in its session and sends it after the reconnect.
             with self._stats_lock:
                 self._inflight[info.mid] = (row.id, row.topic)
             if row.qos > 0:
                 self._sent_at[info.mid] = time.monotonic()
+            else:
+                self._qos0.add(info.mid)
             self._cursor = row.id
         if drop:
             self._acked_pending.extend(drop)
