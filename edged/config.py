@@ -308,7 +308,7 @@ class MqttConfig(_Section):
     enabled: bool = True
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
-    client_id: Optional[str] = Field(None, description="Default: edged-<device_id>.")
+    client_id: Optional[str] = Field(None, description="Default: edged-<device_id>, or edged-<site>-<device_id> with a site.")
     username: Optional[str] = None
     password: Optional[str] = Field(None, repr=False)
     password_file: Optional[str] = Field(None, description="File holding the password (preferred).")
@@ -373,6 +373,12 @@ class MqttConfig(_Section):
         if sum(1 for v in (self.password, self.password_file, self.password_env) if v) > 1:
             raise ValueError("give only one of password, password_file, password_env")
         return self
+
+
+def default_client_id(device_id: str, site: Optional[str] = None) -> str:
+    """edged-<device_id>; with a site edged-<site>-<device_id>: device ids may repeat across sites, client
+    ids on one broker must not (a broker disconnects the older of two clients with the same id)."""
+    return f"edged-{site}-{device_id}" if site else f"edged-{device_id}"
 
 
 # ---------------------------------------------------------------------------------------------- rest
@@ -477,7 +483,7 @@ class EdgedConfig(_Section):
     remote_config: RemoteConfigConfig = RemoteConfigConfig()
 
     def effective_client_id(self) -> str:
-        return self.mqtt.client_id or f"edged-{self.device_id}"
+        return self.mqtt.client_id or default_client_id(self.device_id, self.mqtt.site)
 
 
 # ---------------------------------------------------------------------------------------------- loading

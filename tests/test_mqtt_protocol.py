@@ -280,3 +280,48 @@ def test_site_and_protocol_cannot_be_set_remotely():
         assert any(err.startswith(f"mqtt.{key}:") for err in e.value.errors)
     desired = parse_desired(json.dumps({"version": 2, "config": {"mqtt": {"position_expiry_s": 5}}}).encode(), "fleet")
     assert desired.overlay == {"mqtt": {"position_expiry_s": 5}}
+
+
+def test_site_level_reaches_every_topic_the_device_and_tools_use(pool, tmp_path):
+    """mqtt.site: the daemon's topics, Home Assistant discovery (node id and the topics it points at), the
+    client id on the broker, `edged watch` and `edged config push` all use <prefix>/<site>/<device>/."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from _replay_device import ReplayDevice
+
+    broker = pool.make("mosquitto")
+    sub = Subscriber(broker.port, "#")
+    dev = ReplayDevice(tmp_path, broker.port, site="shop-7", mqtt={"homeassistant": {"enabled": True}})
+    base = f"edged/shop-7/{dev.device_id}"
+    try:
+        assert sub.wait_subscribed()
+        dev.start()
+        assert dev.wait_stderr("mqtt: online", 1, 90), dev.stderr_tail()
+        assert sub.wait(lambda: any(m.topic == f"{base}/events" for m in sub.messages), 60)
+        watch = subprocess.run([sys.executable, "-m", "edged", "watch", "--config", str(dev.config), "--topics", "events",
+                                "--count", "1", "--timeout", "30"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert watch.returncode == 0 and watch.stdout.startswith(f"{base}/events: "), watch.stderr
+        overlay = tmp_path / "overlay.yaml"
+        overlay.write_text("events:\n  position_interval_s: 2.0\n")
+        push = subprocess.run([sys.executable, "-m", "edged", "config", "push", "--config", str(dev.config), str(overlay),
+                               "--timeout", "60"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stderr
+        assert f"on {base}/config/desired" in push.stderr
+        with sub.cond:
+            topics = {m.topic for m in sub.messages}
+            discovery = [m for m in sub.messages if m.topic.startswith("homeassistant/")]
+        device_topics = {t for t in topics if t.startswith("edged/") and not t.startswith(("edged/_push/", "edged/_watch/"))}
+        assert device_topics and all(t.startswith(f"{base}/") for t in device_topics), device_topics
+        assert discovery
+        node = f"edged_shop-7_{dev.device_id}"
+        for m in discovery:
+            assert m.topic.split("/")[2] == node
+            assert m.json()["availability_topic"] == f"{base}/availability"
+        assert f"as edged-shop-7-{dev.device_id}" in broker.log_text()  # client ids stay unique across sites
+    finally:
+        sub.close()
+        if dev.runs:
+            dev.stop()
+        broker.cleanup()

@@ -51,7 +51,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edged.config import MqttConfig, resolve_path
+from edged.config import MqttConfig, default_client_id, resolve_path
 from edged.mqtt.outbox import Outbox
 from edged.mqtt.topics import OFFLINE, ONLINE, Topics
 
@@ -115,8 +115,8 @@ class MqttPublisher:
         self.cfg = cfg
         self.device_id = device_id
         self.outbox = outbox
-        self.topics = topics or Topics(cfg.topic_prefix, device_id)
-        self.client_id = cfg.client_id or f"edged-{device_id}"
+        self.topics = topics or Topics(cfg.topic_prefix, device_id, cfg.site)
+        self.client_id = cfg.client_id or default_client_id(device_id, self.topics.site)
         self._config_path = config_path
         self._password = password if password is not None else cfg.password
         # The protocol being used (or tried); settled once a broker answered a CONNECT with a CONNACK
