@@ -117,7 +117,7 @@ class BrokerInstance:
             self._wait_ready()
         except Exception:
             self.stop()
-            raise RuntimeError(f"{self.kind} did not start on port {self.port}; log:\n{self.log_text()[-3000:]}")
+            raise RuntimeError(f"{self.kind} did not start on port {self.port}; log:\n{self.log_text()[-3000:]}") from None
 
     def _wait_ready(self) -> None:
         wait_for_port(self.port, self.start_timeout)
@@ -383,6 +383,12 @@ class Subscriber:
     def wait_subscribed(self, times: int = 1, timeout: float = 30.0) -> bool:
         return self.wait(lambda: self.subscribed >= times, timeout)
 
+    def first_retained(self, timeout: float) -> Optional[bytes]:
+        """The first retained message to arrive within `timeout` (None if none)."""
+        self.wait(lambda: any(m.retain for m in self.messages), timeout)
+        with self.cond:
+            return next((m.payload for m in self.messages if m.retain), None)
+
     def on(self, suffix: str) -> List[Received]:
         with self.cond:
             return [m for m in self.messages if m.topic.endswith(suffix)]
@@ -405,8 +411,7 @@ def retained(port: int, topic: str, *, protocol: str = "5", expect: Optional[byt
         sub = Subscriber(port, topic, protocol=protocol)
         try:
             left = max(0.1, min(5.0, deadline - time.monotonic()))
-            sub.wait(lambda: any(m.retain for m in sub.messages), left)
-            got = next((m.payload for m in sub.messages if m.retain), None)
+            got = sub.first_retained(left)
         finally:
             sub.close()
         if expect is None or got == expect or time.monotonic() >= deadline:

@@ -113,7 +113,7 @@ def test_on_nats_falls_back_to_311_and_counts_match_device_states(pool, tmp_path
         assert committed <= {r["event_id"] for r in _records(tmp_path, "backend-n")}
         # ... and the newest state of each device (its last frame: after the file ended, total 0)
         last_frames = {f"{s}/{d.device_id}": max(e["frame"] for e in d.events())
-                       for d, s in zip(devices, ("north", "south", "south"))}
+                       for d, s in zip(devices, ("north", "south", "south"), strict=True)}
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             c.proc.send_signal(signal.SIGUSR1)  # the consumer writes its summary

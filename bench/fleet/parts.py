@@ -256,6 +256,16 @@ class EdgeBridge:
         self.proc = subprocess.Popen(self.topo.exec_argv(self.ns, [program("mosquitto", "/usr/sbin/mosquitto"), "-c", str(conf)]),
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
 
+    def log_text(self) -> str:
+        try:
+            return (self.workdir / "mosquitto.log").read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def running(self) -> bool:
+        """Listening (its log says so) and not exited."""
+        return self.proc is not None and self.proc.poll() is None and " running" in self.log_text()
+
     def stop(self) -> None:
         _terminate(self.proc)
 

@@ -157,8 +157,8 @@ def run_fleet(spec: FleetSpec, log=print) -> FleetResult:
             e.start()
             edges.append(e)
         for e in edges:
-            if not _wait(lambda: e.proc.pid and cpu_seconds(e.proc.pid) is not None, 10):
-                raise RuntimeError("edge mosquitto did not start")
+            if not _wait(e.running, 15, 0.1):
+                raise RuntimeError(f"edge mosquitto of {e.site} did not start: {e.log_text()[-1000:]}")
             cpu_edge.add(e.proc.pid)
         for i in range(spec.devices):
             k = i % spec.sites
