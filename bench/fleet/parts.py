@@ -234,7 +234,7 @@ class EdgeBridge:
             f"persistence_location {self.workdir}/",
             "max_queued_messages 0",  # the bridge's queue during an uplink cut is bounded by disk, not count
             f"log_dest file {self.workdir}/mosquitto.log",
-            "log_type error", "log_type warning", "log_type notice",
+            "log_type error", "log_type warning", "log_type notice", "log_type information",  # "running"
             "connection central",
             "address " + " ".join(f"{a}:{MQTT_PORT}" for a in NODE_IPS),
             "round_robin false",  # the first node while it is up; the next ones when it is not
