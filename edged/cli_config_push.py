@@ -40,7 +40,7 @@ def _say(text: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edged.cli_config_show import read_overlay
-    from edged.mqtt.client import MqttSetupError, tool_client
+    from edged.mqtt.client import MqttSetupError, probe_protocol, tool_client
     from edged.mqtt.topics import Topics
     from edged.remote_config import read_hmac_secret, signed_envelope
 
@@ -49,17 +49,17 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_config(config_path)
         overlay = read_overlay(args.overlay)
         secret = read_hmac_secret(cfg, config_path)
-        client = tool_client(cfg.mqtt, config_path)
+        m = cfg.mqtt
+        host, port = args.host or m.host, args.port or m.port
+        client = tool_client(m, config_path, probe_protocol(m, host, port, config_path))
     except (ConfigError, MqttSetupError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_SETUP
-    m = cfg.mqtt
     device = args.device or cfg.device_id
-    topics = Topics(m.topic_prefix, device)
+    topics = Topics(m.topic_prefix, device, m.site)
     scope = "fleet" if args.fleet else "device"
     desired_topic = topics.fleet_config_desired if args.fleet else topics.config_desired
     marker = f"{m.topic_prefix}/_push/{uuid.uuid4().hex}"
-    host, port = args.host or m.host, args.port or m.port
 
     retained: Dict[str, Any] = {}
     reports: List[dict] = []

@@ -391,7 +391,7 @@ class MqttConfig(_Section):
     enabled: bool = True
     host: str = "localhost"
     port: int = Field(1883, ge=1, le=65535)
-    client_id: Optional[str] = Field(None, description="Default: edged-<device_id>.")
+    client_id: Optional[str] = Field(None, description="Default: edged-<device_id>, or edged-<site>-<device_id> with a site.")
     username: Optional[str] = None
     password: Optional[str] = Field(None, repr=False)
     password_file: Optional[str] = Field(None, description="File holding the password (preferred).")
@@ -399,6 +399,20 @@ class MqttConfig(_Section):
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the password."
     )
     topic_prefix: str = Field("edged", pattern=r"^[A-Za-z0-9_/-]{1,128}$")
+    site: Optional[str] = Field(
+        None, pattern=IDENT_RE,
+        description="Optional site level: topics become <topic_prefix>/<site>/<device_id>/... ('fleet' is reserved).",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        "auto",
+        description="MQTT protocol version. auto: MQTT 5, falling back to 3.1.1 for the rest of the run when the "
+        "broker refuses version 5 (RabbitMQ, NATS, Azure IoT Hub...).",
+    )
+    position_expiry_s: float = Field(
+        60.0, ge=0.0, le=86400.0,
+        description="Position updates older than this are not sent; on MQTT 5 the broker also drops them for "
+        "subscribers that have not received them within the rest of this time. 0 = never expire.",
+    )
     keepalive: int = Field(30, ge=5, le=3600)
     qos_events: Literal[0, 1, 2] = 1
     qos_tracks: Literal[0, 1, 2] = 0
@@ -417,6 +431,19 @@ class MqttConfig(_Section):
     outbox: OutboxConfig = OutboxConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol(cls, v: Any) -> Any:
+        # YAML reads `protocol: 5` as a number.
+        return "5" if v == 5 and not isinstance(v, bool) else v
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: Optional[str]) -> Optional[str]:
+        if v == "fleet":
+            raise ValueError("'fleet' is reserved for fleet-wide topics (<topic_prefix>/fleet/config/desired)")
+        return v
+
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
@@ -429,6 +456,12 @@ class MqttConfig(_Section):
         if sum(1 for v in (self.password, self.password_file, self.password_env) if v) > 1:
             raise ValueError("give only one of password, password_file, password_env")
         return self
+
+
+def default_client_id(device_id: str, site: Optional[str] = None) -> str:
+    """edged-<device_id>; with a site edged-<site>-<device_id>: device ids may repeat across sites, client
+    ids on one broker must not (a broker disconnects the older of two clients with the same id)."""
+    return f"edged-{site}-{device_id}" if site else f"edged-{device_id}"
 
 
 # ---------------------------------------------------------------------------------------------- rest
@@ -533,7 +566,7 @@ class EdgedConfig(_Section):
     remote_config: RemoteConfigConfig = RemoteConfigConfig()
 
     def effective_client_id(self) -> str:
-        return self.mqtt.client_id or f"edged-{self.device_id}"
+        return self.mqtt.client_id or default_client_id(self.device_id, self.mqtt.site)
 
 
 # ---------------------------------------------------------------------------------------------- loading

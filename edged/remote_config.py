@@ -48,7 +48,8 @@ MAX_VERSION = 2**63 - 1  # fits every consumer's integer type
 # any remote fix), move its identity or state, or weaken the remote-config checks themselves.
 LOCAL_ONLY: Tuple[str, ...] = (
     "device_id", "state_dir", "remote_config",
-    "mqtt.enabled", "mqtt.host", "mqtt.port", "mqtt.client_id", "mqtt.topic_prefix", "mqtt.tls",
+    "mqtt.enabled", "mqtt.host", "mqtt.port", "mqtt.client_id", "mqtt.topic_prefix", "mqtt.site", "mqtt.protocol",
+    "mqtt.tls",
     "mqtt.username", "mqtt.password", "mqtt.password_file", "mqtt.password_env",
     "capture.username", "capture.password_file", "capture.password_env",
     "web.username", "web.password_file",
@@ -56,6 +57,7 @@ LOCAL_ONLY: Tuple[str, ...] = (
 # Keys that only take effect at the next start (persisted now, listed in `restart_required`).
 RESTART_REQUIRED: Tuple[str, ...] = (
     "mqtt.keepalive", "mqtt.reconnect_min_s", "mqtt.reconnect_max_s", "mqtt.max_inflight", "mqtt.max_rate",
+    "mqtt.position_expiry_s",
     "mqtt.outbox", "logging.format",
 )
 

@@ -373,7 +373,7 @@ class Daemon:
             self.source = open_source(cfg.capture, self.config_path, self.source_override)
             self.capture = CaptureThread(self.source, cfg.capture)
         self.seq = SequenceCounter(self.state_dir / "sequence")
-        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id)
+        self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id, cfg.mqtt.site)
         self.router = Router(self.topics, qos_events=cfg.mqtt.qos_events, qos_tracks=cfg.mqtt.qos_tracks)
         if self.mqtt_enabled:
             from edged.mqtt.client import MqttPublisher

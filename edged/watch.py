@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="override mqtt.host")
     p.add_argument("--port", type=int, help="override mqtt.port")
     p.add_argument("--device", default=None, help="device id to watch ('+' = all devices)")
+    p.add_argument("--site", default=None, help="site of the device (default mqtt.site; '+' = all sites)")
     p.add_argument("--topics", default="#", help="sub-topic filter under the device, e.g. events (default: all)")
     p.add_argument("--count", type=int, default=0, help="exit after this many messages (0 = never)")
     p.add_argument("--full", action="store_true",
@@ -60,18 +61,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config)
         m = cfg.mqtt
-        from edged.mqtt.client import MqttSetupError, tool_client
+        from edged.mqtt.client import MqttSetupError, probe_protocol, tool_client
 
+        host, port = args.host or m.host, args.port or m.port
         try:
-            client = tool_client(m, args.config)
+            client = tool_client(m, args.config, probe_protocol(m, host, port, args.config))
         except MqttSetupError as exc:
             raise ConfigError(args.config or "<defaults>", [str(exc)]) from None
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_SETUP
-    host, port = args.host or m.host, args.port or m.port
     where = f"{host}:{port}"
-    topic = subscription(m.topic_prefix, args.device or cfg.device_id, args.topics)
+    topic = subscription(m.topic_prefix, args.device or cfg.device_id, args.topics, site=args.site or m.site)
     subscribed = threading.Event()
     done = threading.Event()  # --count reached, or refused by the broker
     settled = threading.Event()  # subscribed or done: what --timeout waits for

@@ -16,10 +16,12 @@ class StallingProxy:
     switch) and holds new connections without connecting them upstream; `resume()` forwards again.
     Connections closed by either end are closed on the other."""
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1", rcvbuf: Optional[int] = None):
         self.upstream = (upstream_host, upstream_port)
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if rcvbuf:  # a small receive window: a stalled client fills its send buffer soon, as on a dead link
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self._listener.bind(("127.0.0.1", 0))
         self._listener.listen(16)
         self._listener.setblocking(False)

@@ -540,3 +540,36 @@ def test_rows_in_flight_at_disconnect_are_resent(broker_factory, tmp_path, outbo
         pub.stop(timeout=3)
         if sub is not None:
             sub.close()
+
+
+def test_qos0_rows_unwritten_when_the_link_dies_do_not_hold_the_window(broker_factory, tmp_path, outbox):
+    """A dead link (no ACKs) fills the socket's send buffer: paho keeps further QoS 0 publishes unwritten
+    and drops them at the reconnect without a callback. They must not hold window slots for good (each
+    one did, until delivery stopped): they are dropped (at most once, counted) and delivery goes on."""
+    from edged.config import MqttConfig
+    from netutil import StallingProxy
+
+    broker = broker_factory()
+    proxy = StallingProxy(broker.port, rcvbuf=4096)
+    cfg = MqttConfig(host="127.0.0.1", port=proxy.port, keepalive=5, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    pub = MqttPublisher(cfg, device_id=DEVICE, outbox=outbox)
+    sub = Collector(broker.port, TOPICS.events, username=None)
+    try:
+        pub.start()
+        assert pub.wait_connected(10) and sub.wait_subscribed()
+        proxy.stall()
+        position = b"x" * 65536  # 200 of them: more than any send buffer takes (tcp_wmem max: 4 MiB)
+        outbox.put(TOPICS.events, _event(0))  # unacknowledged: the stall is noticed after keepalive
+        outbox.put_many([(TOPICS.tracks, position, 0, False, "position", None) for _ in range(200)])
+        assert wait_until(lambda: pub.stats()["stalls"] >= 1, 30)
+        proxy.resume()
+        assert pub.wait_connected(20)
+        assert wait_until(lambda: outbox.depth() == 0, 30), f"{outbox.depth()} rows stuck; {pub.stats()}"
+        st = pub.stats()
+        assert st["qos0_unsent"] > 0 and st["inflight"] == 0
+        outbox.put_many([(TOPICS.events, _event(i), 1, False, "event", None) for i in range(1, 101)])
+        assert sub.wait(lambda: sub.seq_set >= set(range(101)), 30)  # the whole window works again
+    finally:
+        pub.stop(timeout=2)
+        sub.close()
+        proxy.close()

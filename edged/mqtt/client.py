@@ -1,4 +1,4 @@
-"""MQTT delivery: drains the durable Outbox to the broker with paho-mqtt 2.x (MQTT v5).
+"""MQTT delivery: drains the durable Outbox to the broker with paho-mqtt 2.x (MQTT 5 or 3.1.1).
 
 Threads:
   - paho's network loop (`loop_start`): its callbacks run under paho's locks, so they only append
@@ -24,11 +24,19 @@ A publish refused by the broker (MQTT v5 reason code >= 0x80 in PUBACK/PUBREC, e
 authorized" from an ACL) is logged as a warning, counted (`denied` for 0x87, `rejected` for other
 codes) and its row is deleted: retrying a refused message forever would block the queue.
 QoS 0 publishes get no acknowledgement, so an ACL denial of a QoS 0 message cannot be seen.
+
+Protocol (`mqtt.protocol`): `5`, `3.1.1`, or `auto`: MQTT 5 first; a broker that refuses version 5 (CONNACK
+0x84 "Unsupported protocol version", as NATS answers, or the connection closed before any CONNACK, as
+RabbitMQ 3.x does) gets MQTT 3.1.1 from then on, for every reconnect of this run. paho fixes the protocol
+when a client is made, so switching means a new paho client (its callbacks carry a generation number; late
+callbacks of the old one are ignored). On 3.1.1 there are no PUBACK reason codes (a denied publish looks
+delivered), no Receive Maximum, no message expiry; the event contract is the same.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import socket
 import ssl
 import threading
@@ -39,15 +47,19 @@ from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edged.config import MqttConfig, resolve_path
+from edged.config import MqttConfig, default_client_id, resolve_path
 from edged.mqtt.outbox import Outbox
 from edged.mqtt.topics import OFFLINE, ONLINE, Topics
 
 log = logging.getLogger("edged.mqtt")
 
 NOT_AUTHORIZED = 0x87
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # paho reports a 3.1.1 CONNACK "unacceptable protocol version" as this too
+PAHO_PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
 StatusCallback = Callable[[str, Dict[str, Any]], None]
 
 
@@ -103,9 +115,18 @@ class MqttPublisher:
         self.cfg = cfg
         self.device_id = device_id
         self.outbox = outbox
-        self.topics = topics or Topics(cfg.topic_prefix, device_id)
-        self.client_id = cfg.client_id or f"edged-{device_id}"
+        self.topics = topics or Topics(cfg.topic_prefix, device_id, cfg.site)
+        self.client_id = cfg.client_id or default_client_id(device_id, self.topics.site)
+        self._config_path = config_path
         self._password = password if password is not None else cfg.password
+        # The protocol being used (or tried); settled once a broker answered a CONNECT with a CONNACK
+        # in it (auto mode keeps it for every reconnect of this run).
+        self._protocol = "5" if cfg.protocol in ("auto", "5") else "3.1.1"
+        self._protocol_settled = cfg.protocol != "auto"
+        self._negotiated: Optional[str] = None  # the protocol of the last accepted connection
+        self._generation = 0  # of the paho client; events of an older one are ignored
+        self._switches = 0  # protocol switches after a connection closed without CONNACK (auto mode)
+        self._start_due: Optional[float] = None  # when to start a client made by a protocol switch
         self._on_status = on_status
         self._events: Deque[Tuple[Any, ...]] = deque()  # filled by paho callbacks, drained by our thread
         self._wake = threading.Event()
@@ -114,7 +135,8 @@ class MqttPublisher:
         self._online_mid: Optional[int] = None
         self._stopped = threading.Event()
         self._started = False
-        self._subscriptions: Dict[str, int] = {}  # topic filter -> QoS, subscribed at every connect
+        # topic filter -> (QoS, on_message), subscribed at every connect
+        self._subscriptions: Dict[str, Tuple[int, Callable[[str, bytes, bool], None]]] = {}
         self._stop_at: Optional[float] = None
         self._drain_on_stop = True
         self._stop_reserve = 1.0
@@ -122,6 +144,9 @@ class MqttPublisher:
         # mid -> (row id or None for our own availability messages, topic)
         self._inflight: Dict[int, Tuple[Optional[int], str]] = {}
         self._sent_at: Dict[int, float] = {}  # mid -> monotonic time handed to paho (stall detection)
+        # mids of QoS 0 rows handed to paho and not yet written to the socket (paho's "ack" for QoS 0).
+        # paho drops unwritten packets when it reconnects and never reports them: see _handle_disconnect.
+        self._qos0: set = set()
         self._acked_pending: list = []  # row ids the broker acknowledged, not yet deleted from the outbox
         self._last_ack_at = time.monotonic()
         self._stalls = 0
@@ -138,11 +163,11 @@ class MqttPublisher:
         self._last_error: Optional[str] = None
         self._refused_pending = False
         self._stats_lock = threading.Lock()
-        self._client = self._make_client(config_path)
+        self._client = self._make_client()
 
     # ------------------------------------------------------------------------------------ setup
-    def _make_client(self, config_path: Union[str, Path, None]) -> mqtt.Client:
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+    def _make_client(self) -> mqtt.Client:
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=PAHO_PROTOCOLS[self._protocol])
         c.reconnect_delay_set(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)  # type: ignore[arg-type]
         c.max_inflight_messages_set(self.cfg.max_inflight)
         c.max_queued_messages_set(0)  # our window bounds paho's queue; the outbox is the real queue
@@ -152,31 +177,55 @@ class MqttPublisher:
         elif self._password:
             log.warning("mqtt: a password is set but no username; the password is not sent")
         if self.cfg.tls.enabled:
-            c.tls_set_context(build_tls_context(self.cfg, config_path))
+            c.tls_set_context(build_tls_context(self.cfg, self._config_path))
             c.tls_insecure_set(not self.cfg.tls.verify_hostname)
-        c.on_connect = self._cb_connect
-        c.on_disconnect = self._cb_disconnect
-        c.on_publish = self._cb_publish
-        c.on_connect_fail = self._cb_connect_fail
+        # Run in paho's thread under its locks: only enqueue (tagged with this client's generation) and
+        # wake the publisher thread.
+        gen = self._generation
+        c.on_connect = lambda _c, _u, _f, rc, props: self._post(gen, "connect", rc, props)
+        c.on_disconnect = lambda _c, _u, _f, rc, _p: self._post(gen, "disconnect", rc)
+        c.on_publish = lambda _c, _u, mid, rc, _p: self._post(gen, "ack", mid, rc)
+        c.on_connect_fail = lambda _c, _u: self._post(gen, "connect_fail")
+        for topic, (_qos, on_message) in self._subscriptions.items():
+            self._add_message_callback(c, topic, on_message)
         return c
 
-    # ------------------------------------------------------------------------------------ paho callbacks
-    # Run in paho's thread under its locks: only enqueue and wake the publisher thread.
-    def _post(self, *event: Any) -> None:
-        self._events.append(event)
+    @staticmethod
+    def _add_message_callback(c: mqtt.Client, topic: str, on_message: Callable[[str, bytes, bool], None]) -> None:
+        c.message_callback_add(topic, lambda _c, _u, msg: on_message(msg.topic, msg.payload, bool(msg.retain)))
+
+    def _post(self, generation: int, *event: Any) -> None:
+        self._events.append((generation, *event))
         self._wake.set()
 
-    def _cb_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._post("connect", reason_code, properties)
+    def _switch_protocol(self, protocol: str, why: str, delay: float = 0.0) -> None:
+        """Auto mode: try `protocol` with a new paho client (paho fixes the protocol per client), after
+        `delay` seconds (the run loop starts it)."""
+        old = self._client
+        self._protocol = protocol
+        self._generation += 1
+        try:
+            old.disconnect()
+        except Exception:  # not connected
+            pass
+        old.loop_stop()  # returns at once: the old client is between attempts (disconnect() ends its wait)
+        if self._inflight or self._sent_at:  # never before a first connection; kept safe anyway
+            self._inflight.clear()
+            self._sent_at.clear()
+            self._qos0.clear()
+            self._cursor = 0  # unacknowledged rows are still in the outbox: send them again
+        self._refused_pending = False
+        log.info("mqtt: %s:%d %s; trying MQTT %s%s", self.cfg.host, self.cfg.port, why, protocol,
+                 f" in {delay:.1f} s" if delay > 0 else "")
+        self._client = self._make_client()
+        self._start_due = time.monotonic() + delay
+        self._start_client_when_due()
 
-    def _cb_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._post("disconnect", reason_code)
-
-    def _cb_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        self._post("ack", mid, reason_code)
-
-    def _cb_connect_fail(self, client, userdata) -> None:
-        self._post("connect_fail")
+    def _start_client_when_due(self) -> None:
+        if self._start_due is not None and time.monotonic() >= self._start_due:
+            self._start_due = None
+            self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
+            self._client.loop_start()
 
     # ------------------------------------------------------------------------------------ public API
     def start(self, spawn: Optional[Callable[[str, Callable[[], None]], Any]] = None) -> None:
@@ -187,8 +236,8 @@ class MqttPublisher:
             raise RuntimeError("MqttPublisher already started")
         self._started = True
         log.info(
-            "mqtt: connecting to %s:%d as %s (user %s, tls %s), topics under %s/",
-            self.cfg.host, self.cfg.port, self.client_id, self.cfg.username or "-",
+            "mqtt: connecting to %s:%d as %s (MQTT %s, user %s, tls %s), topics under %s/",
+            self.cfg.host, self.cfg.port, self.client_id, self.cfg.protocol, self.cfg.username or "-",
             "on" if self.cfg.tls.enabled else "off", self.topics.base,
         )
         self.outbox.add_listener(self._wake.set)
@@ -221,8 +270,8 @@ class MqttPublisher:
     def subscribe(self, topic: str, on_message: Callable[[str, bytes, bool], None], qos: int = 1) -> None:
         """Follow `topic` (re-subscribed at every connect). `on_message(topic, payload, retained)` runs in
         paho's network thread under its locks: it must only hand the message on (e.g. put it in a queue)."""
-        self._subscriptions[topic] = qos
-        self._client.message_callback_add(topic, lambda _c, _u, msg: on_message(msg.topic, msg.payload, bool(msg.retain)))
+        self._subscriptions[topic] = (qos, on_message)
+        self._add_message_callback(self._client, topic, on_message)
         if self._session_up:
             self._client.subscribe(topic, qos=qos)
 
@@ -260,6 +309,8 @@ class MqttPublisher:
         age = self.oldest_undelivered_age_s()
         return {
             "connected": self.connected,
+            # MQTT version of the current (or last) connection: "5" or "3.1.1"; None before the first one.
+            "protocol": self._negotiated,
             "outbox_depth": self.outbox.depth(),
             "outbox_bytes": self.outbox.bytes(),
             "oldest_undelivered_age_s": None if age is None else round(age, 1),
@@ -273,6 +324,8 @@ class MqttPublisher:
             "disconnects": counts.get("disconnects", 0),
             "connect_refused": counts.get("connect_refused", 0),
             "connect_failed": counts.get("connect_failed", 0),
+            "expired": counts.get("expired", 0),
+            "qos0_unsent": counts.get("qos0_unsent", 0),
             "dropped": outbox["dropped"],
             "coalesced": outbox["coalesced"],
             "last_error": last_error,
@@ -290,9 +343,13 @@ class MqttPublisher:
                 timeout = min(timeout, self._next_token_in)
             if self._stop_at is not None:
                 timeout = max(0.0, min(timeout, self._stop_at - time.monotonic()))
+            elif self._start_due is not None:
+                timeout = max(0.0, min(timeout, self._start_due - time.monotonic()))
             self._wake.wait(timeout)
             self._wake.clear()
             self._handle_events()
+            if self._stop_at is None:
+                self._start_client_when_due()
             if self._stop_at is None:
                 if self._online.is_set():
                     self._check_stall()
@@ -366,7 +423,9 @@ class MqttPublisher:
     def _handle_events(self) -> None:
         acked = []
         while self._events:
-            ev = self._events.popleft()
+            generation, *ev = self._events.popleft()
+            if generation != self._generation:
+                continue  # from a paho client replaced by a protocol switch
             kind = ev[0]
             if kind == "ack":
                 self._handle_ack(ev[1], ev[2], acked)
@@ -396,6 +455,7 @@ class MqttPublisher:
         self._status("connect_failed", {"attempts": n, "reason": why})
 
     def _handle_ack(self, mid: int, rc: Any, acked: list) -> None:
+        self._qos0.discard(mid)
         with self._stats_lock:
             entry = self._inflight.pop(mid, None)
         if self._sent_at.pop(mid, None) is not None:
@@ -410,7 +470,7 @@ class MqttPublisher:
             elif mid == self._online_mid and self._session_up:
                 if _rc_value(rc) >= 0x80:
                     log.warning("mqtt: broker refused `online` on %s: %s (check the ACL)", topic, _rc_text(rc))
-                log.info("mqtt: online (window %d, %d queued)", self._window, self.outbox.depth())
+                log.info("mqtt: online (MQTT %s, window %d, %d queued)", self._protocol, self._window, self.outbox.depth())
                 self._online.set()
                 self._status("connected", {"reconnects": self._counts["connects"] - 1})
             return
@@ -430,14 +490,26 @@ class MqttPublisher:
 
     def _handle_connect(self, rc: Any, properties: Any) -> None:
         code = _rc_value(rc)
+        if code == UNSUPPORTED_PROTOCOL_VERSION and self._protocol == "5" and not self._protocol_settled:
+            self._protocol_settled = True  # the broker said so: 3.1.1 for the rest of this run
+            log.warning("mqtt: %s:%d does not speak MQTT 5 (%s); using MQTT 3.1.1 from now on: no PUBACK reason "
+                        "codes (a denied publish is not seen), no message expiry", self.cfg.host, self.cfg.port,
+                        _rc_text(rc))
+            self._switch_protocol("3.1.1", "refused MQTT 5")
+            return
+        if not self._protocol_settled:
+            self._protocol_settled = True  # a CONNACK in this protocol: the broker speaks it
+            log.info("mqtt: %s:%d speaks MQTT %s; keeping it for this run", self.cfg.host, self.cfg.port, self._protocol)
         if code >= 0x80:
             with self._stats_lock:
                 self._counts["connect_refused"] += 1
                 self._last_error = f"connection refused: {_rc_text(rc)}"
             n = self._counts["connect_refused"]
+            hint = ("; it does not speak MQTT 5: set mqtt.protocol to auto or 3.1.1"
+                    if code == UNSUPPORTED_PROTOCOL_VERSION and self._protocol == "5" else "")
             if n == 1 or n % 20 == 0:
-                log.warning("mqtt: %s:%d refused the connection: %s (user %s; %d times)",
-                            self.cfg.host, self.cfg.port, _rc_text(rc), self.cfg.username or "-", n)
+                log.warning("mqtt: %s:%d refused the connection: %s (user %s; %d times)%s",
+                            self.cfg.host, self.cfg.port, _rc_text(rc), self.cfg.username or "-", n, hint)
             self._status("connect_refused", {"reason": str(rc), "code": code})
             self._refused_pending = True
             return
@@ -445,6 +517,7 @@ class MqttPublisher:
         self._window = min(self.cfg.max_inflight, int(server_max)) if server_max else self.cfg.max_inflight
         with self._stats_lock:
             self._counts["connects"] += 1
+            self._negotiated = self._protocol
         self._session_up = True
         self._last_ack_at = time.monotonic()
         self._sent_at.clear()
@@ -455,7 +528,7 @@ class MqttPublisher:
         self._sent_at[info.mid] = time.monotonic()
         with self._stats_lock:
             self._inflight[info.mid] = (None, self.topics.availability)
-        for topic, qos in list(self._subscriptions.items()):
+        for topic, (qos, _on_message) in list(self._subscriptions.items()):
             self._client.subscribe(topic, qos=qos)
         log.debug("mqtt: connected to %s:%d, publishing online", self.cfg.host, self.cfg.port)
 
@@ -464,12 +537,24 @@ class MqttPublisher:
         self._session_up = False
         self._online.clear()
         if not was_online:
-            # Dropped before CONNACK (e.g. TLS client certificate rejected after the handshake);
-            # a refused CONNACK was already reported as connect_refused.
+            # Dropped before CONNACK (e.g. TLS client certificate rejected after the handshake, or a
+            # broker that closes on a protocol version it does not know); a refused CONNACK was already
+            # reported as connect_refused.
             if not self._refused_pending:
                 self._connect_failed(f"connection closed before CONNACK: {_rc_text(rc)}")
+                if not self._protocol_settled and self._stop_at is None:
+                    # No answer in this protocol: try the other one (RabbitMQ 3.x closes on a v5 CONNECT).
+                    # At once the first time; with backoff when neither got an answer (then the protocol
+                    # is not the problem, and alternating must not become a busy loop).
+                    other = "3.1.1" if self._protocol == "5" else "5"
+                    delay = 0.0 if self._switches == 0 else min(
+                        self.cfg.reconnect_max_s, self.cfg.reconnect_min_s * 2 ** (self._switches - 1))
+                    self._switches += 1
+                    self._switch_protocol(other, f"closed the connection on an MQTT {self._protocol} CONNECT", delay)
+                    return
             self._refused_pending = False
             return
+        self._forget_unwritten_qos0()
         with self._stats_lock:
             self._counts["disconnects"] += 1
             if _rc_value(rc) != 0:
@@ -477,6 +562,25 @@ class MqttPublisher:
         log.warning("mqtt: disconnected from %s:%d: %s; %d queued, reconnecting",
                     self.cfg.host, self.cfg.port, _rc_text(rc), self.outbox.depth())
         self._status("disconnected", {"reason": str(rc)})
+
+    def _forget_unwritten_qos0(self) -> None:
+        """QoS 0 rows paho had not written to the socket when the connection went (a full send buffer on a
+        dead link): paho drops them at the reconnect without a callback. Left in flight, each would hold
+        a window slot for good (enough of them stop delivery). At most once: they are deleted, counted
+        `qos0_unsent` (position updates and stats; events are QoS 1 by default)."""
+        if not self._qos0:
+            return
+        rows = []
+        with self._stats_lock:
+            for mid in self._qos0:
+                entry = self._inflight.pop(mid, None)
+                if entry is not None and entry[0] is not None:
+                    rows.append(entry[0])
+            self._counts["qos0_unsent"] += len(rows)
+        self._qos0.clear()
+        if rows:
+            log.info("mqtt: %d QoS 0 messages were not written before the connection was lost; dropped", len(rows))
+            self._acked_pending.extend(rows)
 
     def _rate_room(self) -> int:
         """Publishes the rate limit allows now; sets when to look again if none."""
@@ -502,9 +606,24 @@ class MqttPublisher:
             self._tokens -= len(rows)
             if rows and self._tokens < 1.0:
                 self._next_token_in = (1.0 - self._tokens) / self._rate
+        expiry = float(self.cfg.position_expiry_s)
+        now = time.time()
         for row in rows:
+            properties = None
+            if expiry > 0 and row.kind == "position":
+                left = expiry - (now - row.created)
+                if left <= 0:  # stale (queued through an outage): not worth sending
+                    with self._stats_lock:
+                        self._counts["expired"] += 1
+                    drop.append(row.id)
+                    self._cursor = row.id
+                    continue
+                if self._protocol == "5":  # the broker drops it for subscribers that get it too late
+                    properties = Properties(PacketTypes.PUBLISH)
+                    properties.MessageExpiryInterval = max(1, math.ceil(left))
             try:
-                info = self._client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
+                info = self._client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain,
+                                            properties=properties)
             except ValueError as exc:  # paho refuses the topic/payload itself: it can never succeed
                 log.warning("mqtt: cannot publish row %d to %s: %s; dropped", row.id, row.topic, exc)
                 with self._stats_lock:
@@ -515,11 +634,15 @@ class MqttPublisher:
             if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 log.warning("mqtt: paho did not queue row %d: %s", row.id, mqtt.error_string(info.rc))
                 break
-            # NO_CONN: paho keeps it in its session and sends it after the reconnect.
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and row.qos == 0:
+                break  # paho does not keep QoS 0 without a connection: send it after the reconnect
+            # NO_CONN (QoS 1/2): paho keeps it in its session and sends it after the reconnect.
             with self._stats_lock:
                 self._inflight[info.mid] = (row.id, row.topic)
             if row.qos > 0:
                 self._sent_at[info.mid] = time.monotonic()
+            else:
+                self._qos0.add(info.mid)
             self._cursor = row.id
         if drop:
             self._acked_pending.extend(drop)
@@ -534,15 +657,55 @@ class MqttPublisher:
             log.exception("mqtt: on_status callback failed for %s", event)
 
 
-def tool_client(cfg: MqttConfig, config_path: Union[str, Path, None] = None) -> mqtt.Client:
+def tool_client(cfg: MqttConfig, config_path: Union[str, Path, None] = None,
+                protocol: Optional[str] = None) -> mqtt.Client:
     """A paho client for the command-line tools (`edged watch`, `edged config push`) with the daemon's
-    own credentials and TLS set-up (same file resolution, same clear errors: MqttSetupError/ConfigError)."""
+    own credentials and TLS set-up (same file resolution, same clear errors: MqttSetupError/ConfigError).
+    `protocol` ("5" or "3.1.1", e.g. from `probe_protocol`) defaults to mqtt.protocol (auto: 5)."""
     from edged.config import read_password
 
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    protocol = protocol or ("5" if cfg.protocol == "auto" else cfg.protocol)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=PAHO_PROTOCOLS[protocol])
     if cfg.username:
         client.username_pw_set(cfg.username, read_password(cfg, config_path))
     if cfg.tls.enabled:
         client.tls_set_context(build_tls_context(cfg, config_path))
         client.tls_insecure_set(not cfg.tls.verify_hostname)
     return client
+
+
+def probe_protocol(cfg: MqttConfig, host: str, port: int, config_path: Union[str, Path, None] = None,
+                   timeout: float = 10.0) -> str:
+    """The protocol a tool should use: mqtt.protocol, or with `auto` what the broker answers to an MQTT 5
+    CONNECT: "3.1.1" when it refuses the version (CONNACK 0x84) or closes without a CONNACK, else "5"
+    (also when it cannot be reached: the tool then reports that itself)."""
+    if cfg.protocol != "auto":
+        return cfg.protocol
+    client = tool_client(cfg, config_path, "5")
+    answer: Dict[str, Any] = {}
+    done = threading.Event()
+
+    def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        answer["code"] = _rc_value(rc)
+        done.set()
+
+    def on_disconnect(_c: Any, _u: Any, _f: Any, _rc: Any, _p: Any) -> None:
+        answer.setdefault("closed", True)
+        done.set()
+
+    client.on_connect, client.on_disconnect = on_connect, on_disconnect
+    try:
+        client.connect(host, port, keepalive=max(5, int(timeout)))
+    except (OSError, ValueError):
+        return "5"
+    client.loop_start()
+    try:
+        done.wait(timeout)
+    finally:
+        try:
+            client.disconnect()
+        finally:
+            client.loop_stop()
+    if answer.get("code") == UNSUPPORTED_PROTOCOL_VERSION or ("code" not in answer and answer.get("closed")):
+        return "3.1.1"
+    return "5"

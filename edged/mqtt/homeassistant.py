@@ -49,7 +49,7 @@ def discovery_messages(
         return []
     device_id = topics.device_id
     prefix = cfg.homeassistant.discovery_prefix.strip("/")
-    node = _object_id("edged", device_id)
+    node = _object_id("edged", topics.site or "", device_id)  # device ids may repeat across sites
     device = {
         "identifiers": [node],
         "name": f"edged {device_id}" + (f" ({camera})" if camera else ""),
