@@ -15,7 +15,15 @@ apt_install() {
   fi
   echo "edged: installing $* with apt-get" >&2
   $SUDO apt-get update -qq >/dev/null || true
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null
+  # policy-rc.d: a package's own service (rabbitmq-server...) is not started by the install.
+  local policy=/usr/sbin/policy-rc.d created=""
+  if [ ! -e "$policy" ] && [ "$(id -u)" -eq 0 ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created=1
+  fi
+  local rc=0
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$@" >/dev/null || rc=$?
+  if [ -n "$created" ]; then rm -f "$policy"; fi
+  return $rc
 }
 
 PYTHON="${PYTHON:-python3}"
@@ -52,6 +60,10 @@ ensure_test_packages() {
   local missing=()
   command -v systemd-analyze >/dev/null || missing+=(systemd)
   command -v chromium >/dev/null || missing+=(chromium)
+  # Broker compatibility tests start their own NATS and RabbitMQ instances (never the system service).
+  command -v nats-server >/dev/null || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+  command -v rabbitmq-server >/dev/null || [ -x /usr/sbin/rabbitmq-server ] || missing+=(rabbitmq-server)
+  command -v ip >/dev/null || [ -x /usr/sbin/ip ] || missing+=(iproute2)
   if [ "${#missing[@]}" -gt 0 ]; then
     apt_install "${missing[@]}" || {
       echo "edged: please install: sudo apt-get install ${missing[*]}" >&2
