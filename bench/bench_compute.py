@@ -41,6 +41,9 @@ MODES: Dict[str, dict] = {
     "motion, every frame": {"detector": {"motion": {"track_interval_s": 0.0}}, "encoder": {"mode": "always"}},
     "motion": {"encoder": {"mode": "always"}},
     "default": {},  # motion gating, moving tracks every track_interval_s, lazy encoder
+    "full, 320 model": {"detector": {"model": "models/yolov3-tiny-320-int8.tflite", "motion": {"enabled": False}},
+                        "encoder": {"mode": "always"}},
+    "default, 320 model": {"detector": {"model": "models/yolov3-tiny-320-int8.tflite"}},
 }
 
 

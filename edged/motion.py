@@ -392,8 +392,8 @@ class RegionPlanner:
                 new = new[self._looked_long_ago(new, w, h, now)]
             if len(new):
                 # Motion shows only the part of a new object that changed (its leading edge when it slowly
-                # enters): look at generous surroundings, at least a quarter of the frame height around it.
-                wanted.append(grow(new, self.region_margin, w, h, min_size=0.25 * h))
+                # enters): look at generous surroundings, at least a tenth of the frame height around it.
+                wanted.append(grow(new, self.region_margin, w, h, min_size=0.1 * h))
                 reasons["motion"] = len(new)
         if len(view.ids):
             moving = covered_fraction(boxes, motion.astype(np.float64).reshape(-1, 4)) > 0.0 if len(motion) else \
