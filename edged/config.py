@@ -106,7 +106,7 @@ class MotionConfig(_Section):
     min_area: float = Field(0.0005, ge=0.0, le=1.0, description="Smallest moving blob, as a fraction of the frame.")
     region_margin: float = Field(0.4, ge=0.0, le=2.0, description="Regions grow by this fraction of their size on each side.")
     track_interval_s: float = Field(
-        0.1, ge=0.0, le=60.0,
+        0.12, ge=0.0, le=60.0,
         description="A moving track is looked at again after this long (the Kalman filter predicts it in "
         "between); 0 = on every frame. New motion is always looked at at once.",
     )

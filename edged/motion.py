@@ -245,6 +245,13 @@ def _letterbox_canvas(frame_w: int, frame_h: int, net_w: int, net_h: int) -> Can
     return Canvas((Tile((0.0, 0.0, float(frame_w), float(frame_h)), cx, cy, s),), net_h, net_w, True)
 
 
+def small_canvas(net_h: int, net_w: int, stride: int = 32) -> Tuple[int, int]:
+    """The one smaller canvas region-based detection runs besides the model's own size: about 70 % of its
+    side (half its area), a multiple of the stride. One size, built once: each size is another interpreter
+    holding its own copy of the packed weights (about 25 MB for YOLOv3-tiny)."""
+    return (max(stride, int(round(net_h * 0.7 / stride)) * stride), max(stride, int(round(net_w * 0.7 / stride)) * stride))
+
+
 def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net_h: int, *,
                 max_scale: float = 2.0, target_px: float = 172.0, small_px: float = 80.0, stride: int = 32,
                 whole_frame_at: float = 0.7,
@@ -253,10 +260,12 @@ def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net
     model sees it as it would in the whole frame), unless that leaves it under `small_px` tall: then it is
     enlarged to about `target_px` (a region is an object plus its margins: at the default margin an object
     of about 96 canvas pixels, where the model sees best), at most max_scale. So a far-away person gets
-    several times the pixels of the letterbox, and everything else exactly the letterbox's. The regions are shelf-packed into the smallest canvas (multiples of `stride`, at most
-    net_h x net_w) the model can run; the convolutions cost in proportion to the canvas area. When they do
-    not fit, every scale shrinks (never below the letterbox's); regions that need about as much canvas as
-    the whole frame: the whole frame, letterboxed."""
+    several times the pixels of the letterbox, and everything else exactly the letterbox's.
+
+    The regions are shelf-packed into the small canvas (`small_canvas`, half the area of the model's
+    input) when they fit and the model can run it, else into the full input size; the convolutions cost in
+    proportion to the canvas area. When they do not fit, every enlarged scale shrinks (never below the
+    letterbox's); regions that need about as much as the whole frame get the whole frame, letterboxed."""
     whole = _letterbox_canvas(frame_w, frame_h, net_w, net_h)
     if not len(regions):
         return whole
@@ -266,26 +275,18 @@ def plan_canvas(regions: np.ndarray, frame_w: int, frame_h: int, net_w: int, net
     scales = np.where(heights * lo >= small_px, lo, np.clip(target_px / heights, lo, max(lo, max_scale)))
     whole_area = net_w * math.ceil(frame_h * lo / stride) * stride if frame_w / frame_h >= net_w / net_h \
         else net_h * math.ceil(frame_w * lo / stride) * stride
+    small = small_canvas(net_h, net_w, stride)
+    candidates = ([small] if can_run(*small) else []) + [(net_h, net_w)]
     while True:
         sizes = [(max(1, int(round((r[2] - r[0]) * s))), max(1, int(round((r[3] - r[1]) * s))))
                  for r, s in zip(regions, scales)]
-        best: Optional[Tuple[int, int, List[Tuple[int, int]]]] = None
-        for limit in range(net_w, 0, -stride):  # narrower shelves make taller canvases: keep the smallest
-            pos = _shelf_pack(sizes, limit, net_h, gap)
+        for ch, cw in candidates:
+            pos = _shelf_pack(sizes, cw, ch, gap)
             if pos is None:
-                break
-            cw = max(x + w for (x, _), (w, _) in zip(pos, sizes))
-            ch = max(y + h for (_, y), (_, h) in zip(pos, sizes))
-            cw, ch = math.ceil(cw / stride) * stride, math.ceil(ch / stride) * stride
-            if best is None or ch * cw < best[0] * best[1]:
-                best = (ch, cw, pos)
-        at_letterbox = bool(np.all(scales <= lo * 1.05))
-        if best is not None:
-            ch, cw, pos = best
+                continue
+            at_letterbox = bool(np.all(scales <= lo * 1.05))
             if ch * cw >= whole_frame_at * whole_area and at_letterbox:
                 return whole  # about the whole frame anyway: see all of it
-            if (ch, cw) != (net_h, net_w) and not can_run(ch, cw):
-                ch, cw = net_h, net_w
             tiles = tuple(Tile(tuple(float(v) for v in r), x, y, float(s)) for r, (x, y), s in zip(regions, pos, scales))
             return Canvas(tiles, ch, cw)
         if np.all(scales <= lo * 1.0001):
@@ -347,7 +348,7 @@ class Plan:
 class RegionPlanner:
     """Decides per frame which regions the model looks at (see the module docstring)."""
 
-    def __init__(self, *, region_margin: float = 0.4, track_interval_s: float = 0.1, refresh_s: float = 2.0,
+    def __init__(self, *, region_margin: float = 0.4, track_interval_s: float = 0.12, refresh_s: float = 2.0,
                  motion_interval_s: float = 0.5, scan_s: float = 10.0, explained: float = 0.6, min_region: float = 32.0):
         self.region_margin = region_margin
         self.track_interval_s = track_interval_s

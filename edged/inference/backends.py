@@ -23,7 +23,9 @@ from edged.inference.runtime import ModelError, TensorSpec
 
 PathLike = Union[str, Path]
 CONFIG_KEY = "detector.backend"
-SIZED_INTERPRETERS = 3  # interpreters kept for other canvas sizes (each holds its own packed weights)
+# Interpreters kept for another canvas size than the model's own: each holds its own packed weights
+# (about 25 MB for YOLOv3-tiny), so one, reused while the canvases fit it (edged.motion.GatedDetector).
+SIZED_INTERPRETERS = 1
 
 
 @runtime_checkable
@@ -108,6 +110,8 @@ class TFLiteBackend:
         key = (height, width)
         it = self._sized.get(key)
         if it is None:
+            while len(self._sized) >= SIZED_INTERPRETERS:  # free the old one first: one at a time in memory
+                self._sized.popitem(last=False)
             data = runtime.resized_model(self.model_path, height, width)
             it = runtime.load_interpreter(data, threads=self._threads, input_shape=[1, height, width, 3])
             self._sized[key] = it
