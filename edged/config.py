@@ -111,7 +111,7 @@ class MotionConfig(_Section):
         "between); 0 = on every frame. New motion is always looked at at once.",
     )
     refresh_s: float = Field(
-        2.0, gt=0.0, le=3600.0, description="A still track is looked at again at least this often (it is kept "
+        3.0, gt=0.0, le=3600.0, description="A still track is looked at again at least this often (it is kept "
         "meanwhile: a frame that does not look at a track is not a miss for it)."
     )
     scan_s: float = Field(

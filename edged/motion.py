@@ -348,7 +348,7 @@ class Plan:
 class RegionPlanner:
     """Decides per frame which regions the model looks at (see the module docstring)."""
 
-    def __init__(self, *, region_margin: float = 0.4, track_interval_s: float = 0.12, refresh_s: float = 2.0,
+    def __init__(self, *, region_margin: float = 0.4, track_interval_s: float = 0.12, refresh_s: float = 3.0,
                  motion_interval_s: float = 0.5, scan_s: float = 10.0, explained: float = 0.6, min_region: float = 32.0):
         self.region_margin = region_margin
         self.track_interval_s = track_interval_s

@@ -166,6 +166,9 @@ class Tracker:
         # Tracks whose region the detector did not look at this frame: predicted only, not missed.
         unseen = self._unseen(S, dets.examined, dets.frame_size) if n and dets.examined is not None else None
         if unseen is not None:
+            # Only a track found at its last look is spared: one already missed (it left, or is hidden)
+            # keeps counting misses frame by frame, so it ends after max_age frames as without gating.
+            unseen &= S[:, TSU] <= 1.0
             S[unseen, TSU] -= 1.0
 
         # Boxes without area (or not finite) cannot be filtered in (x, y, a, h) space: never used.
@@ -287,7 +290,10 @@ class Tracker:
         else:
             stale = np.ones(rows.size, bool)
         special = (tracks[:, TSU] > 1) | stale
-        need[cols] = (allowed.sum(axis=0) != 1) | (allowed & special[:, None]).any(axis=0)
+        # Matched on IoU alone, a detection that moved away from its only candidate's prediction (a person
+        # who stood still and starts walking) would start a new track: such pairs need appearance too.
+        far = (1.0 - iou_matrix(kalman.xyah_to_boxes(tracks), kalman.xyah_to_boxes(z[cols]))) > cfg.max_iou_distance
+        need[cols] = (allowed.sum(axis=0) != 1) | (allowed & (special[:, None] | far)).any(axis=0)
         return need
 
     @staticmethod
