@@ -368,15 +368,15 @@ def compare(args: argparse.Namespace) -> int:
             "|---|---|---|---|---|---|---|---|",
         ]
         for label, s, d in (("x86", sa, a), ("arm64", sb, b)):
-            lines.append(f"| {label} | {s['mota']:.3f} | {s['idf1']:.3f} | {s['hota']:.3f} | {s['id_switches']} | "
-                         f"{s['false_positives']} | {s['misses']} | {d['track']['seconds']} |")
+            lines.append(f"| {label} | {s['MOTA']:.3f} | {s['IDF1']:.3f} | {s['HOTA']:.3f} | {s['IDSW']} | "
+                         f"{s['FP']} | {s['FN']} | {d['track']['seconds']} |")
         same = a["track"]["mot"] == b["track"]["mot"]
         lines += ["", f"Track boxes x86 vs arm64 (per frame, IoU 0.5): F1 {track_ag['f1']:.3f}, max box diff "
                       f"{track_ag['max_box_diff_px']:.1f} px; outputs byte-identical: {'yes' if same else 'no'}."]
-        if abs(sa["mota"] - sb["mota"]) > BOUNDS["tracking_mota_diff"]:
-            failures.append(f"tracking MOTA {sa['mota']:.3f} vs {sb['mota']:.3f}")
-        if abs(sa["idf1"] - sb["idf1"]) > BOUNDS["tracking_idf1_diff"]:
-            failures.append(f"tracking IDF1 {sa['idf1']:.3f} vs {sb['idf1']:.3f}")
+        if abs(sa["MOTA"] - sb["MOTA"]) > BOUNDS["tracking_mota_diff"]:
+            failures.append(f"tracking MOTA {sa['MOTA']:.3f} vs {sb['MOTA']:.3f}")
+        if abs(sa["IDF1"] - sb["IDF1"]) > BOUNDS["tracking_idf1_diff"]:
+            failures.append(f"tracking IDF1 {sa['IDF1']:.3f} vs {sb['IDF1']:.3f}")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.report:
