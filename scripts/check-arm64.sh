@@ -260,6 +260,10 @@ prepare_work() {
   fi
   cp -a --reflink=auto "$BASE/root" "$WORK"
   cp /etc/resolv.conf "$WORK/etc/resolv.conf"
+  # The chroot shares the host's kernel hostname: sudo wants to resolve it.
+  printf '127.0.1.1 raspberrypi %s\n' "$(hostname)" >>"$WORK/etc/hosts"
+  # No systemd as PID 1 in a chroot: systemctl enables units offline and records start requests.
+  install -m 0755 "$REPO/scripts/arm64/systemctl" "$WORK/usr/local/bin/systemctl"
   # The machine's CA setup: its bundle now, and its local CAs so that a regenerated bundle keeps them.
   if [ -d /usr/local/share/ca-certificates ]; then
     cp -r /usr/local/share/ca-certificates/. "$WORK/usr/local/share/ca-certificates/"
@@ -338,12 +342,13 @@ installed_versions() {
 }
 
 service_installed() {
-  # install-service wrote the unit, the config and the user; systemctl (no systemd as PID 1 here) enabled it.
+  # install-service wrote the unit, the config and the user, enabled the unit and asked systemd to start it.
   in_root root bash -c '
     set -e
     test -f /etc/systemd/system/edged.service
     test -L /etc/systemd/system/multi-user.target.wants/edged.service
-    id edged | grep -q "(video)"
+    grep -x "systemctl enable --now edged.service" /var/log/check-arm64-systemctl.log
+    id edged | grep "(video)"
     grep "^ExecStart=" /etc/systemd/system/edged.service'
   # The service user reads everything it needs (a 0700 home would fail here).
   in_root edged /opt/edged/.venv/bin/edged check-config /etc/edged/edged.yaml
@@ -417,7 +422,8 @@ equivalence_compare() {
 # ---------------------------------------------------------------------------------------------- main
 step "host tools (qemu-user-static, binfmt, mmdebstrap)" debian -- host_deps
 DEBIAN_LINES="$(python3 "$HELPER" apt-sources "$SUITE")" || die 2 "no Debian archive in this machine's apt sources"
-say "Debian archive (from the machine's apt sources):"; printf '  %s\n' "$DEBIAN_LINES"
+say "Debian archive (from the machine's apt sources):"
+printf '%s\n' "$DEBIAN_LINES" | sed 's/^/  /'
 INSTALL_BLOCK="$(python3 "$HELPER" doc-block "$REPO/docs/raspberry-pi.md" install)"
 if grep -q 'check-arm64:install:begin' "$REPO/README.md"; then
   [ "$(python3 "$HELPER" doc-block "$REPO/README.md" install)" = "$INSTALL_BLOCK" ] \
