@@ -360,8 +360,10 @@ test_tools() {
 }
 
 pytest_subset() {
+  local files
+  files=$(echo $TEST_FILES)   # one line for bash -c
   in_root root bash -c "cd /opt/edged && /opt/edged/.venv/bin/python -m pytest -m 'arm64 or not slow' -p no:cacheprovider \
-    --junitxml=/check-out/pytest-arm64.xml -q $TEST_FILES"
+    --junitxml=/check-out/pytest-arm64.xml -q -rs $files"
 }
 
 mot_identical() {
