@@ -27,7 +27,7 @@ PI5_CPU=cortex-a76
 PI4_CPU=cortex-a72
 # Test-only additions inside the root (not part of the Pi install).
 TEST_APT="mosquitto"
-TEST_PIP="pytest pytest-timeout hypothesis jsonschema scikit-image"
+TEST_PIP="pytest pytest-timeout hypothesis jsonschema scikit-image motmetrics"
 TEST_FILES="tests/test_arm64.py tests/test_config.py tests/test_outbox.py tests/test_tracker.py tests/test_kalman.py
   tests/test_events.py tests/test_geometry.py tests/test_mot_cli.py tests/test_runtime.py tests/test_yolo.py
   tests/test_encoder.py"
