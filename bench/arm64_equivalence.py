@@ -57,8 +57,10 @@ BOUNDS = {
     "same_pixels_max_score_diff": 0.02,
     "embedding_min_cosine": 0.995,
     "own_decode_f1": 0.9,
-    "tracking_mota_diff": 0.05,
-    "tracking_idf1_diff": 0.1,
+    "same_pixels_tracking_mota_diff": 0.01,
+    "same_pixels_tracking_idf1_diff": 0.02,
+    "own_decode_tracking_mota_diff": 0.05,
+    "own_decode_tracking_idf1_diff": 0.1,
 }
 
 
@@ -155,14 +157,26 @@ def _detections(det: YoloDetector, image: np.ndarray) -> Dict[str, Any]:
     }
 
 
-def _track(shared: Path, frames: int, workdir: Path) -> Dict[str, Any]:
+def write_lossless_clip(frames: List[np.ndarray], path: Path) -> None:
+    """FFV1 (lossless, BGR): every platform decodes it to exactly these pixels."""
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.CAP_FFMPEG, cv2.VideoWriter_fourcc(*"FFV1"), 25.0, (w, h))
+    if not writer.isOpened():
+        raise SystemExit(f"{path}: OpenCV cannot write FFV1 here")
+    for f in frames:
+        writer.write(f)
+    writer.release()
+
+
+def _track(source: Path, frames: int, workdir: Path) -> Dict[str, Any]:
+    workdir.mkdir(parents=True, exist_ok=True)
     cfg = workdir / "edged.yaml"
     cfg.write_text(
         json.dumps(  # JSON is YAML
             {
                 "device_id": "equivalence",
                 "state_dir": str(workdir / "state"),
-                "capture": {"source": str(shared / "data" / VIDEO)},
+                "capture": {"source": str(source)},
                 "web": {"enabled": False},
             }
         )
@@ -209,7 +223,13 @@ def dump(args: argparse.Namespace) -> int:
             }
     if not args.no_track:
         with tempfile.TemporaryDirectory() as tmp:
-            result["track"] = _track(shared, args.track_frames, Path(tmp))
+            result["track"] = _track(shared / "data" / VIDEO, args.track_frames, Path(tmp) / "own")
+            # The same clip as pixels both platforms read identically: this platform's decode written
+            # losslessly (x86), or the other dump's (--pixels-from).
+            clip = Path(args.pixels_from) / "clip.mkv" if args.pixels_from else out / "clip.mkv"
+            if not args.pixels_from:
+                write_lossless_clip(video_frames(shared, args.track_frames), clip)
+            result["track_same"] = _track(clip, args.track_frames, Path(tmp) / "same")
     result["seconds_total"] = round(time.perf_counter() - t_start, 1)
     (out / "dump.json").write_text(json.dumps(result, indent=1))
     print(f"wrote {out / 'dump.json'} ({result['seconds_total']} s on {result['platform']['machine']}, cpu {result['platform']['cpu']})")
@@ -354,29 +374,32 @@ def compare(args: argparse.Namespace) -> int:
     if a.get("track") and b.get("track"):
         frames = min(a["track"]["frames"], b["track"]["frames"])
         gt = Path(args.gt_dir) / VIDEO_GT / "gt" / "gt.txt"
-        sa, sb = _eval(a["track"]["mot"], gt, frames), _eval(b["track"]["mot"], gt, frames)
-        fa, fb = _mot_as_detections(a["track"]["mot"]), _mot_as_detections(b["track"]["mot"])
-        empty = {"boxes": [], "scores": [], "classes": []}
-        track_ag = agreement([({**fa.get(f, empty), "pixels": "", "canvas": "", "raw": ""},
-                               {**fb.get(f, empty), "pixels": "", "canvas": "", "raw": ""}) for f in sorted(set(fa) | set(fb))])
         lines += [
             "",
-            f"`edged run` on the first {frames} frames of TUD-Stadtmitte (each platform decodes the video), `--mot-out` scored "
-            "with `edged eval` against the ground truth of those frames:",
+            f"`edged run` (capture, detector, encoder, tracker) on the first {frames} frames of TUD-Stadtmitte, "
+            "`--mot-out` scored with `edged eval` against the ground truth of those frames:",
             "",
-            "| platform | MOTA | IDF1 | HOTA | ID switches | FP | FN | seconds |",
-            "|---|---|---|---|---|---|---|---|",
+            "| frames as | platform | MOTA | IDF1 | HOTA | ID switches | FP | FN | seconds | track boxes vs x86: F1, max diff | output == x86 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for label, s, d in (("x86", sa, a), ("arm64", sb, b)):
-            lines.append(f"| {label} | {s['MOTA']:.3f} | {s['IDF1']:.3f} | {s['HOTA']:.3f} | {s['IDSW']} | "
-                         f"{s['FP']} | {s['FN']} | {d['track']['seconds']} |")
-        same = a["track"]["mot"] == b["track"]["mot"]
-        lines += ["", f"Track boxes x86 vs arm64 (per frame, IoU 0.5): F1 {track_ag['f1']:.3f}, max box diff "
-                      f"{track_ag['max_box_diff_px']:.1f} px; outputs byte-identical: {'yes' if same else 'no'}."]
-        if abs(sa["MOTA"] - sb["MOTA"]) > BOUNDS["tracking_mota_diff"]:
-            failures.append(f"tracking MOTA {sa['MOTA']:.3f} vs {sb['MOTA']:.3f}")
-        if abs(sa["IDF1"] - sb["IDF1"]) > BOUNDS["tracking_idf1_diff"]:
-            failures.append(f"tracking IDF1 {sa['IDF1']:.3f} vs {sb['IDF1']:.3f}")
+        for key, label, bound in (("track", "each platform decodes the MPEG-4", "own"), ("track_same", "x86-decoded, lossless FFV1 clip", "same")):
+            if not (a.get(key) and b.get(key)):
+                continue
+            sa, sb = _eval(a[key]["mot"], gt, frames), _eval(b[key]["mot"], gt, frames)
+            fa, fb = _mot_as_detections(a[key]["mot"]), _mot_as_detections(b[key]["mot"])
+            empty = {"boxes": [], "scores": [], "classes": [], "pixels": "", "canvas": "", "raw": ""}
+            tg = agreement([({**empty, **fa.get(f, {})}, {**empty, **fb.get(f, {})}) for f in sorted(set(fa) | set(fb))])
+            same = a[key]["mot"] == b[key]["mot"]
+            for plat, sc, d in (("x86", sa, a), ("arm64", sb, b)):
+                vs = "" if plat == "x86" else f"{tg['f1']:.3f}, {tg['max_box_diff_px']:.1f} px"
+                eq = "" if plat == "x86" else ("yes" if same else "no")
+                lines.append(f"| {label} | {plat} | {sc['MOTA']:.3f} | {sc['IDF1']:.3f} | {sc['HOTA']:.3f} | {sc['IDSW']} | "
+                             f"{sc['FP']} | {sc['FN']} | {d[key]['seconds']} | {vs} | {eq} |")
+            kind = "same_pixels" if bound == "same" else "own_decode"
+            for metric in ("MOTA", "IDF1"):
+                limit = BOUNDS[f"{kind}_tracking_{metric.lower()}_diff"]
+                if abs(sa[metric] - sb[metric]) > limit:
+                    failures.append(f"tracking ({label}) {metric} {sa[metric]:.3f} vs {sb[metric]:.3f} (bound {limit})")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.report:
