@@ -56,6 +56,8 @@ command -v apt-get >/dev/null || die 2 "needs a Debian/Ubuntu host with apt-get"
 [ -n "$SHARED" ] && [ -d "$SHARED/data" ] || die 2 "needs the shared data at ${EDGED_SHARED:-$REPO/../shared} (set EDGED_SHARED)"
 
 mkdir -p "$CACHE/runs"
+# Keep the logs and reports of the last 10 runs.
+ls -1dt "$CACHE"/runs/*/ 2>/dev/null | tail -n +10 | xargs -r rm -rf
 RUN="$CACHE/runs/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RUN/out"
 LOG="$RUN/check.log"
@@ -279,12 +281,10 @@ prepare_work() {
   for url in $(grep -o 'https://[^ ]*\.git' <<<"$INSTALL_BLOCK" | sort -u); do
     printf '[url "file:///srv/edged-src"]\n\tinsteadOf = %s\n' "$url" >>"$WORK/etc/gitconfig"
   done
-  mkdir -p "$CACHE/pip-cache" "$CACHE/apt-archives/partial" "$WORK/root/.cache/pip" "$WORK/opt/shared" "$WORK/check-out"
+  mkdir -p "$WORK/opt/shared" "$WORK/check-out"
   mount_track "$WORK/proc" -t proc proc
   mount_track "$WORK/sys" -t sysfs -o ro sysfs
   mount_track "$WORK/opt/shared" --bind -o ro "$SHARED"
-  mount_track "$WORK/root/.cache/pip" --bind "$CACHE/pip-cache"
-  mount_track "$WORK/var/cache/apt/archives" --bind "$CACHE/apt-archives"
   mount_track "$WORK/check-out" --bind "$RUN/out"
   use_cpu pi5
 }
