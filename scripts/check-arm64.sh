@@ -57,7 +57,7 @@ command -v apt-get >/dev/null || die 2 "needs a Debian/Ubuntu host with apt-get"
 
 mkdir -p "$CACHE/runs"
 # Keep the logs and reports of the last 10 runs.
-ls -1dt "$CACHE"/runs/*/ 2>/dev/null | tail -n +10 | xargs -r rm -rf
+find "$CACHE/runs" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn | tail -n +10 | cut -d' ' -f2- | xargs -r rm -rf
 RUN="$CACHE/runs/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RUN/out"
 LOG="$RUN/check.log"
