@@ -11,7 +11,8 @@
 #   --rebuild    ignore the cached base root and build it again
 #   --keep-root  leave the work root (unmounted) for inspection instead of deleting it
 #   --quick      skip the Pi 4 equivalence pass and the tracking clip (local iterations)
-# Environment: EDGED_ARM64_CACHE (default /var/cache/edged-arm64), EDGED_SHARED (default ../shared).
+# Environment: EDGED_ARM64_CACHE (default /var/cache/edged-arm64), EDGED_SHARED (default ../shared),
+#   EDGED_ARM64_DEBIAN_MIRROR (a Debian archive URL instead of the one in the machine's apt sources).
 # Exit codes: 0 passed; 1 a check failed; 2 cannot run here (not root, no apt-get, no ../shared);
 #             3 a package archive (Debian or PyPI) could not be reached: not a failure of edged.
 set -euo pipefail
@@ -43,7 +44,7 @@ for arg in "$@"; do
     --rebuild) REBUILD=1 ;;
     --keep-root) KEEP_ROOT=1 ;;
     --quick) QUICK=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "check-arm64: unknown argument $arg (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -56,7 +57,7 @@ command -v apt-get >/dev/null || die 2 "needs a Debian/Ubuntu host with apt-get"
 [ -n "$SHARED" ] && [ -d "$SHARED/data" ] || die 2 "needs the shared data at ${EDGED_SHARED:-$REPO/../shared} (set EDGED_SHARED)"
 
 mkdir -p "$CACHE/runs"
-# Keep the logs and reports of the last 10 runs.
+# Keep the logs and reports of the last 9 runs, and this one.
 find "$CACHE/runs" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' | sort -rn | tail -n +10 | cut -d' ' -f2- | xargs -r rm -rf
 RUN="$CACHE/runs/$(date +%Y%m%d-%H%M%S)"
 mkdir -p "$RUN/out"
@@ -77,7 +78,7 @@ debian_reachable() {
   for uri in $(printf '%s\n' "$DEBIAN_LINES" | awk '{print $2}' | sort -u); do
     if ! curl -fsS --max-time 30 -o /dev/null "${uri%/}/dists/$SUITE/Release" 2>/dev/null \
       && ! curl -fsS --max-time 30 -o /dev/null "${uri%/}/dists/$SUITE-security/Release" 2>/dev/null; then
-      NET_FAILURE="cannot reach the Debian archive at $uri (from /etc/apt/sources*)"
+      NET_FAILURE="cannot reach the Debian archive at $uri"
       return 1
     fi
   done
@@ -335,7 +336,7 @@ installed_versions() {
     set -e
     echo "kernel arch: $(uname -m), emulated CPU: $QEMU_CPU"
     . /etc/os-release; echo "os: $PRETTY_NAME"
-    dpkg-query -W -f "deb: \${Package} \${Version}\n" python3 python3-venv git mosquitto libsqlite3-0 systemd sudo 2>/dev/null || true
+    dpkg-query -W -f "deb: \${Package} \${Version}\n" python3 python3-venv git mosquitto libsqlite3-0 systemd sudo
     /opt/edged/.venv/bin/python -c "import sys, sqlite3; print(\"python:\", sys.version.split()[0], \"sqlite:\", sqlite3.sqlite_version)"
     /opt/edged/.venv/bin/pip --version
     /opt/edged/.venv/bin/pip freeze --all | sed "s/^/pip: /"' | tee "$RUN/out/versions.txt"
@@ -423,8 +424,12 @@ equivalence_compare() {
 
 # ---------------------------------------------------------------------------------------------- main
 step "host tools (qemu-user-static, binfmt, mmdebstrap)" debian -- host_deps
-DEBIAN_LINES="$(python3 "$HELPER" apt-sources "$SUITE")" || die 2 "no Debian archive in this machine's apt sources"
-say "Debian archive (from the machine's apt sources):"
+if [ -n "${EDGED_ARM64_DEBIAN_MIRROR:-}" ]; then
+  DEBIAN_LINES="deb $EDGED_ARM64_DEBIAN_MIRROR $SUITE main"$'\n'"deb $EDGED_ARM64_DEBIAN_MIRROR $SUITE-updates main"
+else
+  DEBIAN_LINES="$(python3 "$HELPER" apt-sources "$SUITE")" || die 2 "no Debian archive in this machine's apt sources"
+fi
+say "Debian archive (from the machine's apt sources, or EDGED_ARM64_DEBIAN_MIRROR):"
 printf '%s\n' "$DEBIAN_LINES" | sed 's/^/  /'
 INSTALL_BLOCK="$(python3 "$HELPER" doc-block "$REPO/docs/raspberry-pi.md" install)"
 if grep -q 'check-arm64:install:begin' "$REPO/README.md"; then
@@ -435,9 +440,9 @@ step "binfmt for arm64 (qemu-aarch64)" none -- enable_binfmt
 step "$SUITE $ARCH root (cached by input hash)" debian -- ensure_base
 step "work copy of the root + mounts" none -- prepare_work
 step "install as docs/raspberry-pi.md says (apt, venv, pip)" both -- install_as_documented
-step "versions installed" none -- installed_versions
 step "service installed; edged check-config as edged and pi" none -- service_installed
 step "test tools (mosquitto, pytest...)" both -- test_tools
+step "versions installed" none -- installed_versions
 step "pytest arm64 subset (Pi 5 CPU)" none -- pytest_subset
 step "x86 venv with the same releases" pypi -- x86_venv
 step "edged mot: arm64 output == x86 output (cmp)" none -- mot_identical
