@@ -106,6 +106,25 @@ class ColourSpec:
         }
 
 
+# OpenCV's own 8-bit saturation table: S = round((V - min) * 255 / V) in 12-bit fixed point.
+_HSV_SHIFT = 12
+_SDIV = np.zeros(256, np.int32)
+_SDIV[1:] = np.rint((255 << _HSV_SHIFT) / np.arange(1, 256, dtype=np.float64))
+
+
+def bgr_to_hsv(bgr: np.ndarray) -> np.ndarray:
+    """cv2.cvtColor(bgr, COLOR_BGR2HSV) for uint8 (H 0..179), the same bytes on every platform.
+
+    OpenCV's ARM build rounds S the other way at exact halves (6,582 of the 16.7 M colours, e.g. BGR
+    (1, 1, 2): S 127 on ARM, 128 on x86 and in its scalar code), which moves pixels across histogram
+    bins; S is recomputed here with OpenCV's scalar formula, H and V are exact on both."""
+    hsv = cv2.cvtColor(bgr, cv2.COLOR_BGR2HSV)
+    v = hsv[..., 2]
+    diff = (v - np.minimum(np.minimum(bgr[..., 0], bgr[..., 1]), bgr[..., 2])).astype(np.int32)
+    hsv[..., 1] = (diff * _SDIV[v] + (1 << (_HSV_SHIFT - 1))) >> _HSV_SHIFT
+    return hsv
+
+
 def colour_histograms(crops_bgr: np.ndarray, spec: ColourSpec) -> np.ndarray:
     """(N, h, w, 3) uint8 BGR crops at spec.height x spec.width -> (N, spec.dim) float32, each stripe's
     H, S and V histograms normalised to sum 1 (sqrt-mapped when spec.sqrt); not L2-normalised."""
@@ -113,7 +132,7 @@ def colour_histograms(crops_bgr: np.ndarray, spec: ColourSpec) -> np.ndarray:
     if n == 0:
         return np.zeros((0, spec.dim), np.float32)
     m = int(round(spec.margin * w))
-    hsv = cv2.cvtColor(crops_bgr.reshape(n * h, w, 3), cv2.COLOR_BGR2HSV).reshape(n, h, w, 3)
+    hsv = bgr_to_hsv(crops_bgr.reshape(n * h, w, 3)).reshape(n, h, w, 3)
     hsv = hsv[:, :, m : w - m] if m else hsv
     stripe_of_row = (np.arange(h) * spec.stripes // h).astype(np.int64)
     parts = []
@@ -143,7 +162,8 @@ def crop_resized(image: np.ndarray, boxes: np.ndarray, width: int, height: int) 
     x2 = np.maximum(np.clip(np.ceil(boxes[:, 2]), 0, w_img).astype(int), x1 + 1)
     y2 = np.maximum(np.clip(np.ceil(boxes[:, 3]), 0, h_img).astype(int), y1 + 1)
     for i in range(len(boxes)):
-        out[i] = cv2.resize(image[y1[i] : y2[i], x1[i] : x2[i]], (width, height), interpolation=cv2.INTER_LINEAR)
+        # Bit-exact across x86 and ARM, unlike INTER_LINEAR (see letterbox in yolo.py).
+        out[i] = cv2.resize(image[y1[i] : y2[i], x1[i] : x2[i]], (width, height), interpolation=cv2.INTER_LINEAR_EXACT)
     return out
 
 

@@ -56,7 +56,9 @@ def letterbox(image_bgr: np.ndarray, net_h: int, net_w: int, out: Optional[np.nd
     if out is None:
         out = np.empty((net_h, net_w, 3), np.uint8)
     out[...] = LETTERBOX_FILL
-    resized = image_bgr if (lb.new_w, lb.new_h) == (w, h) else cv2.resize(image_bgr, (lb.new_w, lb.new_h), interpolation=cv2.INTER_LINEAR)
+    # INTER_LINEAR_EXACT: OpenCV's INTER_LINEAR rounds differently in its x86 and ARM SIMD paths (e.g.
+    # 640x480 -> 416x312), so a Raspberry Pi would see other network inputs than x86; EXACT is bit-exact.
+    resized = image_bgr if (lb.new_w, lb.new_h) == (w, h) else cv2.resize(image_bgr, (lb.new_w, lb.new_h), interpolation=cv2.INTER_LINEAR_EXACT)
     out[lb.dy : lb.dy + lb.new_h, lb.dx : lb.dx + lb.new_w] = resized[..., ::-1]
     return out, lb
 
