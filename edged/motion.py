@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from edged.inference.yolo import RESIZE
 from edged.types import Detections, Frame
 
 
@@ -305,8 +306,7 @@ def render(image_bgr: np.ndarray, tiles: Sequence[Tile], net_w: int, net_h: int,
         crop = image_bgr[y1:y2, x1:x2]
         if crop.size == 0 or tw <= 0 or th <= 0:
             continue
-        interp = cv2.INTER_LINEAR  # as the whole-frame letterbox (edged.inference.yolo): the same pixels
-        resized = crop if (crop.shape[1], crop.shape[0]) == (tw, th) else cv2.resize(crop, (tw, th), interpolation=interp)
+        resized = crop if (crop.shape[1], crop.shape[0]) == (tw, th) else cv2.resize(crop, (tw, th), interpolation=RESIZE)
         out[t.cy:t.cy + th, t.cx:t.cx + tw] = resized[..., ::-1]
     return out
 

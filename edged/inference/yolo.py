@@ -49,6 +49,11 @@ def letterbox_params(img_h: int, img_w: int, net_h: int, net_w: int) -> Letterbo
     return Letterbox(new_w, new_h, (net_w - new_w) // 2, (net_h - new_h) // 2, img_w / new_w, img_h / new_h)
 
 
+# The resize of every network input (the letterbox here, region canvases in edged.motion): one choice,
+# so that a region drawn at the letterbox scale has the letterbox's very pixels.
+RESIZE = cv2.INTER_LINEAR_EXACT
+
+
 def letterbox(image_bgr: np.ndarray, net_h: int, net_w: int, out: Optional[np.ndarray] = None) -> Tuple[np.ndarray, Letterbox]:
     """RGB uint8 (net_h, net_w, 3) network input with the frame resized into it, aspect kept."""
     h, w = image_bgr.shape[:2]
@@ -58,7 +63,7 @@ def letterbox(image_bgr: np.ndarray, net_h: int, net_w: int, out: Optional[np.nd
     out[...] = LETTERBOX_FILL
     # INTER_LINEAR_EXACT: OpenCV's INTER_LINEAR rounds differently in its x86 and ARM SIMD paths (e.g.
     # 640x480 -> 416x312), so a Raspberry Pi would see other network inputs than x86; EXACT is bit-exact.
-    resized = image_bgr if (lb.new_w, lb.new_h) == (w, h) else cv2.resize(image_bgr, (lb.new_w, lb.new_h), interpolation=cv2.INTER_LINEAR_EXACT)
+    resized = image_bgr if (lb.new_w, lb.new_h) == (w, h) else cv2.resize(image_bgr, (lb.new_w, lb.new_h), interpolation=RESIZE)
     out[lb.dy : lb.dy + lb.new_h, lb.dx : lb.dx + lb.new_w] = resized[..., ::-1]
     return out, lb
 
