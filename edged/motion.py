@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from edged.inference.yolo import RESIZE
-from edged.types import Detections, Frame
+from edged.types import Detections, Frame, TrackView  # noqa: F401 (TrackView re-exported)
 
 
 # ---------------------------------------------------------------------------------------------- motion
@@ -104,28 +104,6 @@ class MotionDetector:
 
 
 # ---------------------------------------------------------------------------------------------- tracks
-@dataclass
-class TrackView:
-    """The live tracks as the tracking stage last saw them (shown to the inference stage)."""
-
-    frame_index: int
-    ids: np.ndarray  # (T,) int
-    boxes: np.ndarray  # (T, 4) float, frame pixels, at frame_index
-    velocities: np.ndarray  # (T, 2) box-centre pixels per frame
-    confirmed: np.ndarray  # (T,) bool
-
-    @staticmethod
-    def empty() -> "TrackView":
-        return TrackView(-1, np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 2)), np.zeros(0, bool))
-
-    def at(self, frame_index: int) -> np.ndarray:
-        """Boxes extrapolated to `frame_index` along their velocity."""
-        if self.frame_index < 0 or not len(self.ids):
-            return self.boxes
-        dt = max(0, frame_index - self.frame_index)
-        return self.boxes + np.tile(self.velocities, 2) * dt
-
-
 # ---------------------------------------------------------------------------------------------- geometry
 def _clip(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     """Boxes clipped to the frame, at least one pixel large (a track leaving the frame is looked for at

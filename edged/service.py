@@ -413,7 +413,7 @@ class Daemon:
             self._build_remote_config()
 
     def _tick(self, frame: Frame, _step: TrackerStep, _dets: Detections) -> None:
-        from edged.motion import TrackView
+        from edged.types import TrackView
 
         self._track_view = TrackView(frame.index, *self.tracker.view())
         with self._frame_tick:
@@ -421,7 +421,7 @@ class Daemon:
 
     def track_view(self) -> Any:
         """The live tracks as the tracking stage last saw them (read by the inference stage)."""
-        from edged.motion import TrackView
+        from edged.types import TrackView
 
         return self._track_view if self._track_view is not None else TrackView.empty()
 

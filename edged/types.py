@@ -84,3 +84,25 @@ class TrackerStep:
     tracks: List[TrackSnapshot] = field(default_factory=list)  # confirmed, alive tracks
     confirmed: List[int] = field(default_factory=list)  # ids that became confirmed in this step
     deleted: List[TrackSnapshot] = field(default_factory=list)  # confirmed tracks removed in this step
+
+
+@dataclass
+class TrackView:
+    """The live tracks as the tracking stage last saw them (shown to the inference stage)."""
+
+    frame_index: int
+    ids: np.ndarray  # (T,) int
+    boxes: np.ndarray  # (T, 4) float, frame pixels, at frame_index
+    velocities: np.ndarray  # (T, 2) box-centre pixels per frame
+    confirmed: np.ndarray  # (T,) bool
+
+    @staticmethod
+    def empty() -> "TrackView":
+        return TrackView(-1, np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 2)), np.zeros(0, bool))
+
+    def at(self, frame_index: int) -> np.ndarray:
+        """Boxes extrapolated to `frame_index` along their velocity."""
+        if self.frame_index < 0 or not len(self.ids):
+            return self.boxes
+        dt = max(0, frame_index - self.frame_index)
+        return self.boxes + np.tile(self.velocities, 2) * dt

@@ -12,7 +12,6 @@ import hashlib
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
