@@ -6,24 +6,16 @@ from __future__ import annotations
 import hashlib
 import re
 
-import cv2
-import numpy as np
 import pytest
 
-from conftest import ROOT, shared_path
+from conftest import ROOT
 from edged.config import DetectorConfig
 from edged.inference import runtime
 from edged.inference.yolo import YoloDetector
+from tests._detection import tud_recall_precision
 
 MODELS = ROOT / "edged" / "models"
 DETECTOR_320 = MODELS / "yolov3-tiny-320-int8.tflite"
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 @pytest.mark.parametrize("name", ["yolov3-tiny-416-int8.tflite", "yolov3-tiny-320-int8.tflite", "encoder.tflite"])
@@ -52,31 +44,9 @@ def test_320_model_is_selectable_by_config():
 
 @pytest.mark.slow
 def test_320_model_detects_people_on_tud_stadtmitte():
-    video = shared_path("data", "video", "MOT15-TUD-Stadtmitte.mp4")
-    gt = np.loadtxt(shared_path("data", "mot15", "TUD-Stadtmitte", "gt", "gt.txt"), delimiter=",", ndmin=2)
     det = YoloDetector(DETECTOR_320, classes=["person"], score_threshold=0.3)
-    cap = cv2.VideoCapture(str(video))
-    tp = fp = n_gt = index = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if index % 3 == 0:  # every third frame keeps the test short; bench_detector uses all 179
-            rows = gt[gt[:, 0] == index + 1]  # video frame i = gt frame i + 1
-            boxes = np.concatenate([rows[:, 2:4], rows[:, 2:4] + rows[:, 4:6]], axis=1)
-            n_gt += len(boxes)
-            used = set()
-            for box in det.detect(frame).boxes:  # best first, greedy
-                ious = [_iou(box, g) if k not in used else 0.0 for k, g in enumerate(boxes)]
-                k = int(np.argmax(ious)) if ious else -1
-                if k >= 0 and ious[k] >= 0.5:
-                    used.add(k)
-                    tp += 1
-                else:
-                    fp += 1
-        index += 1
-    cap.release()
-    assert index == 179 and n_gt > 300
+    recall, precision, frames, n_gt = tud_recall_precision(det)
+    assert frames == 179 and n_gt > 300
     # Measured on all 179 frames: recall 0.769, precision 0.871 (the 416 model: 0.781 / 0.948).
-    assert tp / n_gt > 0.7
-    assert tp / (tp + fp) > 0.8
+    assert recall > 0.7
+    assert precision > 0.8

@@ -16,6 +16,7 @@ from edged.inference.yolo import YoloDetector, letterbox, letterbox_params
 from edged.types import Detections
 
 from conftest import shared_path
+from tests._detection import iou, tud_recall_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 DETECTOR = ROOT / "edged" / "models" / "yolov3-tiny-416-int8.tflite"
@@ -26,14 +27,6 @@ def skimage_bgr(name: str) -> np.ndarray:
 
     img = getattr(data, name)()
     return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) if img.ndim == 2 else np.ascontiguousarray(img[..., ::-1])
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-    x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
 
 
 @pytest.fixture(scope="module")
@@ -218,30 +211,8 @@ def test_mot17_mini_person_recall_and_precision(detector):
 
 @pytest.mark.slow
 def test_tud_stadtmitte_video_person_recall_and_precision(detector):
-    video = shared_path("data", "video", "MOT15-TUD-Stadtmitte.mp4")
-    gt = np.loadtxt(shared_path("data", "mot15", "TUD-Stadtmitte", "gt", "gt.txt"), delimiter=",", ndmin=2)
-    cap = cv2.VideoCapture(str(video))
-    tp = fp = n_gt = 0
-    index = 0
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        if index % 3 == 0:  # every third frame keeps the test short; the bench uses all 179
-            rows = gt[gt[:, 0] == index + 1]  # video frame i = gt frame i + 1
-            boxes = np.concatenate([rows[:, 2:4], rows[:, 2:4] + rows[:, 4:6]], axis=1)
-            n_gt += len(boxes)
-            used = set()
-            for box in detector.detect(frame).boxes:
-                ious = [iou(box, g) if k not in used else 0.0 for k, g in enumerate(boxes)]
-                k = int(np.argmax(ious)) if ious else -1
-                if k >= 0 and ious[k] >= 0.5:
-                    used.add(k)
-                    tp += 1
-                else:
-                    fp += 1
-        index += 1
-    assert index == 179 and n_gt > 300
+    recall, precision, frames, n_gt = tud_recall_precision(detector)
+    assert frames == 179 and n_gt > 300
     # Measured on all frames: recall 0.78, precision 0.95 (float32: 0.785 / 0.957).
-    assert tp / n_gt > 0.7
-    assert tp / (tp + fp) > 0.9
+    assert recall > 0.7
+    assert precision > 0.9
