@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
-from edged.inference.yolo import RESIZE
+from edged.inference.yolo import RESIZE, nms
 from edged.types import Detections, Frame, TrackView  # noqa: F401 (TrackView re-exported)
 
 
@@ -289,9 +289,12 @@ def render(image_bgr: np.ndarray, tiles: Sequence[Tile], net_w: int, net_h: int,
     return out
 
 
-def unpack(boxes: np.ndarray, tiles: Sequence[Tile]) -> Tuple[np.ndarray, np.ndarray]:
+def unpack(boxes: np.ndarray, tiles: Sequence[Tile], frame_size: Optional[Tuple[int, int]] = None
+           ) -> Tuple[np.ndarray, np.ndarray]:
     """Canvas boxes -> frame boxes; a box belongs to the tile holding its centre (others are dropped).
-    Returns (frame boxes, index of the kept canvas boxes)."""
+    A box may reach past its tile (the model sees part of an object and estimates the rest, as it does
+    at the frame's edge): it is clipped to the frame (`frame_size`), not to the tile, so a person cut by
+    a region border keeps a whole box. Returns (frame boxes, index of the kept canvas boxes)."""
     if not len(boxes):
         return np.zeros((0, 4), np.float32), np.zeros(0, np.int64)
     centres = (boxes[:, :2] + boxes[:, 2:]) / 2
@@ -305,8 +308,12 @@ def unpack(boxes: np.ndarray, tiles: Sequence[Tile]) -> Tuple[np.ndarray, np.nda
             x1, y1, x2, y2 = t.region
             fb = np.array([(b[0] - t.cx) / t.scale + x1, (b[1] - t.cy) / t.scale + y1,
                            (b[2] - t.cx) / t.scale + x1, (b[3] - t.cy) / t.scale + y1])
-            fb[0::2] = np.clip(fb[0::2], x1, x2)
-            fb[1::2] = np.clip(fb[1::2], y1, y2)
+            if frame_size is not None:
+                fb[0::2] = np.clip(fb[0::2], 0, frame_size[0])
+                fb[1::2] = np.clip(fb[1::2], 0, frame_size[1])
+            else:
+                fb[0::2] = np.clip(fb[0::2], x1, x2)
+                fb[1::2] = np.clip(fb[1::2], y1, y2)
             out.append(fb)
             keep.append(i)
     if not out:
@@ -500,8 +507,14 @@ class GatedDetector:
         self.last_invoke_ms = float(getattr(self.model, "last_timing", {}).get("invoke_ms", 0.0))
         macs_at = getattr(self.model, "macs_at", None)
         self.last_macs = macs_at(canvas.height, canvas.width) if macs_at else self.macs_per_call
-        boxes, keep = unpack(raw.boxes, canvas.tiles)
-        dets = Detections(boxes, raw.scores[keep], raw.class_ids[keep])
+        boxes, keep = unpack(raw.boxes, canvas.tiles, (w, h))
+        scores, classes = raw.scores[keep], raw.class_ids[keep]
+        if len(canvas.tiles) > 1 and len(boxes) > 1:
+            # One object seen in two neighbouring regions gives a box from each: keep the best, as the
+            # model's own NMS would within one image.
+            best = nms(boxes, scores, classes, float(getattr(self.model, "nms_iou", 0.45)), len(boxes))
+            boxes, scores, classes = boxes[best], scores[best], classes[best]
+        dets = Detections(boxes, scores, classes)
         dets.examined = np.array([t.region for t in canvas.tiles], np.float32)
         self.planner.looked(view, frame, dets.examined)
         return dets
