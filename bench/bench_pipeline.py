@@ -107,7 +107,7 @@ def main() -> int:
         os.chmod(work, 0o755)
         broker, port = start_mosquitto(work)
         try:
-            from bench.bench_compute import _far_spec
+            from bench.bench_modes import _far_spec
             from edged.scene import default_scene, write_video
 
             sources = []

@@ -141,38 +141,14 @@ def test_a_track_whose_region_was_not_examined_is_not_missed():
 
 
 def _run_scene(spec, overlay):
-    """The scene's frames through the daemon's own parts (one thread): (pipeline, events)."""
+    """The scene's frames through the daemon's own parts (one thread): its ComputeRun."""
+    from edged.bench import run_configured
     from edged.config import deep_merge, load_config
-    from edged.events import EventEngine
-    from edged.inference.encoder import AppearanceEncoder
-    from edged.inference.yolo import YoloDetector
-    from edged.pipeline import Pipeline
     from edged.scene import Scene
-    from edged.service import frame_detector
-    from edged.tracking.tracker import Tracker
 
     cfg = load_config(None, overlay=deep_merge({"detector": {"classes": ["person"]}}, overlay))
-    model = YoloDetector.from_config(cfg.detector)
-    encoder = AppearanceEncoder.from_config(cfg.encoder)
-    tracker = Tracker(cfg.tracker.resolved(encoder.suggested_max_cosine_distance))
-    view = {"v": TrackView.empty()}
-    events = []
-
-    class Sink:
-        def emit(self, evs, state):
-            events.extend(evs)
-
-    def observe(frame, step, dets):
-        view["v"] = TrackView(frame.index, *tracker.view())
-
-    p = Pipeline(source=None, detector=frame_detector(model, cfg, lambda: view["v"]), encoder=encoder,
-                 encode_lazily=True, tracker=tracker, sink=Sink(), source_fps=lambda: spec.fps, observers=[observe],
-                 make_engine=lambda f, fps: EventEngine(cfg.events, device_id="t", camera="c", class_names=model.class_names,
-                                                        frame_size=f.size, fps=fps, track_classes=["person"]))
     scene = Scene(spec)
-    for i in range(spec.n_frames):
-        p.process(Frame(scene.frame(i)[0], i, 1_800_000_000.0 + i / spec.fps, i / spec.fps))
-    return p, events
+    return run_configured(cfg, ((i, scene.frame(i)[0]) for i in range(spec.n_frames)), spec.fps)
 
 
 def test_people_standing_still_stay_tracked_on_a_few_model_calls():
@@ -184,10 +160,12 @@ def test_people_standing_still_stay_tracked_on_a_few_model_calls():
     objs = (SceneObject(1, "astronaut", 220, (Waypoint(0, 180, 280), Waypoint(149, 180, 280))),
             SceneObject(2, "cameraman", 190, (Waypoint(0, 470, 170), Waypoint(149, 470, 170))))
     spec = SceneSpec(640, 480, 10.0, 150, 3, objs)  # 15 s, nothing moves
-    p, events = _run_scene(spec, {})
-    assert [e["type"] for e in events].count("enter") == 2
-    assert not [e for e in events if e["type"] == "exit"], "no exit while they stand there"
-    # The first frames confirm the tracks; then one look per refresh_s (2 s) keeps them.
-    assert p.counters.detector_calls <= 20, p.counters.detector_calls
-    full, _ = _run_scene(spec, {"detector": {"motion": {"enabled": False}}})
-    assert full.counters.macs >= 10 * p.counters.macs
+    run = _run_scene(spec, {})
+    types = [e["type"] for e in run.events]
+    assert types.count("enter") == 2
+    # No exit while they stand there: the only exits are the two at the end of the stream.
+    assert [e["reason"] for e in run.events if e["type"] == "exit"] == ["shutdown", "shutdown"]
+    # The first frames confirm the tracks; then one look per refresh_s (3 s) keeps them.
+    assert run.counters.detector_calls <= 15, run.counters.detector_calls
+    full = _run_scene(spec, {"detector": {"motion": {"enabled": False}}})
+    assert full.counters.macs >= 10 * run.counters.macs

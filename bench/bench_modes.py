@@ -7,9 +7,9 @@ the video file (or the scene renderer), the detector part is what `detector.moti
 runs as `encoder.mode` says, the tracker and the events engine are the real ones. MOT output is scored
 with edged.tracking.evaluate against the ground truth; `enter` events are counted.
 
-    python bench/bench_compute.py                       # every scenario and mode
-    python bench/bench_compute.py --scenarios tud demo --modes full default
-    python bench/bench_compute.py --out docs/performance.md
+    python bench/bench_modes.py                       # every scenario and mode
+    python bench/bench_modes.py --scenarios tud demo --modes full default
+    python bench/bench_modes.py --out docs/performance.md
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import report  # noqa: E402
 from edged.config import EdgedConfig, deep_merge, load_config  # noqa: E402
-from edged.types import Detections, Frame, TrackerStep  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
 
@@ -165,58 +164,15 @@ def _cfg(mode: str, classes: List[str]) -> EdgedConfig:
 
 
 def run_mode(scenario: Scenario, mode: str) -> Result:
-    from edged.events import EventEngine
-    from edged.inference.encoder import AppearanceEncoder
-    from edged.inference.yolo import YoloDetector
-    from edged.motion import TrackView
-    from edged.pipeline import Pipeline
-    from edged.service import frame_detector
+    from edged.bench import run_configured
     from edged.tracking.evaluate import score
-    from edged.tracking.tracker import Tracker
 
-    cfg = _cfg(mode, scenario.classes)
-    model = YoloDetector.from_config(cfg.detector)
-    encoder = AppearanceEncoder.from_config(cfg.encoder)
-    tracker = Tracker(cfg.tracker.resolved(encoder.suggested_max_cosine_distance))
-    view = {"v": TrackView.empty()}
-    rows: List[List[float]] = []
-    det_rows: Dict[int, np.ndarray] = {}
-    events: List[dict] = []
-
-    class Sink:
-        def emit(self, evs, state):
-            events.extend(evs)
-
-    def observe(frame: Frame, step: TrackerStep, dets: Detections) -> None:
-        view["v"] = TrackView(frame.index, *tracker.view())
-        if getattr(p.detector, "last_calls", 1):  # recall only where the model looked
-            det_rows[frame.index] = dets.boxes.copy()
-        for t in step.tracks:
-            if t.time_since_update == 0:
-                x1, y1, x2, y2 = (float(v) for v in t.box)
-                rows.append([frame.index + 1, t.track_id, x1, y1, x2 - x1, y2 - y1])
-
-    def make_engine(frame: Frame, fps: Optional[float]) -> EventEngine:
-        return EventEngine(cfg.events, device_id="bench", camera="cam0", class_names=model.class_names,
-                           frame_size=frame.size, fps=fps, track_classes=list(cfg.detector.classes))
-
-    p = Pipeline(source=None, detector=frame_detector(model, cfg, lambda: view["v"]), encoder=encoder,
-                 encode_lazily=cfg.encoder.mode == "ambiguous", tracker=tracker, make_engine=make_engine,
-                 sink=Sink(), source_fps=lambda: scenario.fps, observers=[observe])
-    n = 0
-    cpu = 0.0
-    for i, image in scenario.frames():
-        frame = Frame(image=image, index=i, timestamp=1_800_000_000.0 + i / scenario.fps, stream_time=i / scenario.fps)
-        t0 = time.process_time()
-        p.process(frame)
-        cpu += time.process_time() - t0
-        n += 1
-    p.finish()
-    s = score([("x", scenario.gt, np.array(rows, float).reshape(-1, 6))])[0]
-    return Result(mode, n, p.counters.macs / max(1, n) / 1e9, cpu * 1e3 / max(1, n), p.counters.detector_calls,
-                  p.counters.encoded, s.mota, s.idf1, s.id_switches,
-                  sum(1 for e in events if e["type"] == "enter"), sum(1 for e in events if e["type"] == "exit"),
-                  _recall(scenario.gt, det_rows))
+    run = run_configured(_cfg(mode, scenario.classes), scenario.frames(), scenario.fps)
+    s = score([("x", scenario.gt, np.array(run.mot_rows, float).reshape(-1, 6))])[0]
+    c = run.counters
+    return Result(mode, run.frames, run.gmac_per_frame["total"], run.ms_per_frame, c.detector_calls, c.encoded,
+                  s.mota, s.idf1, s.id_switches, sum(1 for e in run.events if e["type"] == "enter"),
+                  sum(1 for e in run.events if e["type"] == "exit"), _recall(scenario.gt, run.detections))
 
 
 def _recall(gt: np.ndarray, det_rows: Dict[int, np.ndarray]) -> float:
@@ -254,7 +210,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", help="append the markdown tables to this file")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0]
-    header = (f"\n### Compute budget (bench/bench_compute.py, {time.strftime('%Y-%m-%d')}, load {load:.1f} at start, "
+    header = (f"\n### Compute budget (bench/bench_modes.py, {time.strftime('%Y-%m-%d')}, load {load:.1f} at start, "
               f"{os.cpu_count()} cores)\n\nOne thread, frames through the pipeline synchronously; GMAC = detector "
               "invocations x model MACs + encoded crops x encoder MACs, counted as executed.\n")
     text = header
