@@ -30,6 +30,7 @@ STATE_DIR = "/var/lib/edged"
 DEFAULT_SOURCE = "/dev/video0"
 UNIT_MODE = 0o644
 CONFIG_DIR_MODE = 0o750  # root:edged, as the unit's ConfigurationDirectoryMode= says
+STATE_DIR_MODE = 0o700  # the unit's StateDirectoryMode=
 CONFIG_FILE_MODE = 0o640  # root:edged: the service reads it, nobody else (it may hold credentials)
 # Cameras (video), USB Edge TPUs (plugdev, Coral's udev rule), PCIe Edge TPUs (apex): the service user
 # joins those of them that exist.
@@ -198,6 +199,27 @@ def _set_owner_mode(path: Path, mode: int, group: Tuple[Path, str]) -> Callable[
     return set_
 
 
+def _make_state_dir(path: Path, root: Path, user: str) -> Callable[[], None]:
+    """What the unit's StateDirectory= does at each start (owner the service user, 0700), done once
+    now: `sudo -u edged edged check-config` and an image prepared with --root find it before the
+    service has ever started."""
+    def make() -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        os.chown(path, *_uid_gid(root, user))
+        os.chmod(path, STATE_DIR_MODE)
+
+    return make
+
+
+def _uid_gid(root: Path, name: str) -> Tuple[int, int]:
+    """The user's id and primary group id from ROOT/etc/passwd."""
+    for line in (root / "etc" / "passwd").read_text().splitlines():
+        parts = line.split(":")
+        if parts[0] == name and len(parts) > 3:
+            return int(parts[2]), int(parts[3])
+    raise InstallError(f"user {name!r} does not exist in {root / 'etc' / 'passwd'}")
+
+
 def _gid(root: Path, name: str) -> int:
     groups = read_group_file(root)
     if name not in groups:
@@ -261,13 +283,18 @@ def plan_install(args: argparse.Namespace, edged_bin: Path, ask: Callable[[str],
         elif isinstance(source, str) and source.startswith("/dev/") and not Path(source).exists():
             plan.notes.append(f"note: {source} does not exist now; the service keeps retrying until it appears")
 
-    # 3. the unit
+    # 3. the state directory
+    state_dir = inside(STATE_DIR)
+    plan.add(f"{'set' if state_dir.exists() else 'mkdir'} {state_dir} (mode {STATE_DIR_MODE:04o}, owner {user})",
+             _make_state_dir(state_dir, root, user))
+
+    # 4. the unit
     unit_path = inside(args.unit_dir) / UNIT_NAME
     unit = render_unit(str(edged_bin))
     plan.add(f"{'replace' if unit_path.exists() else 'write'} {unit_path} (mode {UNIT_MODE:04o})",
              _write_file(unit_path, unit, UNIT_MODE), detail="".join("  | " + line + "\n" for line in unit.splitlines()).rstrip("\n"))
 
-    # 4. systemd
+    # 5. systemd
     if root != Path("/"):
         if not args.no_enable:
             cmd = ["systemctl", "--root", str(root), "enable", UNIT_NAME]

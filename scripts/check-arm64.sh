@@ -351,9 +351,17 @@ service_installed() {
     grep -x "systemctl enable --now edged.service" /var/log/check-arm64-systemctl.log
     id edged | grep "(video)"
     grep "^ExecStart=" /etc/systemd/system/edged.service'
-  # The service user reads everything it needs (a 0700 home would fail here).
+  # The service user reads everything it needs (a 0700 home would fail here) and finds its state
+  # directory before the service ever ran (systemd is not PID 1 here to make it).
   in_root edged /opt/edged/.venv/bin/edged check-config /etc/edged/edged.yaml
-  in_root pi /opt/edged/.venv/bin/edged check-config /etc/edged/edged.yaml
+  in_root root bash -c 'set -e; test "$(stat -c %U:%a /var/lib/edged)" = edged:700'
+  # The command docs/raspberry-pi.md gives the operator (sudo as root: setuid sudo cannot raise user pi
+  # under qemu-user). pi itself cannot read the config (0640 root:edged, it may hold credentials).
+  in_root root sudo -u edged /opt/edged/.venv/bin/edged check-config /etc/edged/edged.yaml
+  if in_root pi /opt/edged/.venv/bin/edged check-config /etc/edged/edged.yaml 2>"$RUN/out/pi-check.txt"; then
+    echo "user pi could read /etc/edged/edged.yaml"; return 1
+  fi
+  grep "cannot read the file: Permission denied" "$RUN/out/pi-check.txt"
 }
 
 test_tools() {
@@ -440,7 +448,7 @@ step "binfmt for arm64 (qemu-aarch64)" none -- enable_binfmt
 step "$SUITE $ARCH root (cached by input hash)" debian -- ensure_base
 step "work copy of the root + mounts" none -- prepare_work
 step "install as docs/raspberry-pi.md says (apt, venv, pip)" both -- install_as_documented
-step "service installed; edged check-config as edged and pi" none -- service_installed
+step "service installed; edged check-config as the service user" none -- service_installed
 step "test tools (mosquitto, pytest...)" both -- test_tools
 step "versions installed" none -- installed_versions
 step "pytest arm64 subset (Pi 5 CPU)" none -- pytest_subset

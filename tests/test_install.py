@@ -107,6 +107,7 @@ def test_dry_run_prints_every_step_and_changes_nothing(tmp_path):
     assert f"mkdir {root}/etc/edged (mode 0750, root:edged)" in text
     assert f"write {root}/etc/edged/edged.yaml (mode 0640, root:edged)" in text
     assert "capture.source: /dev/video0" in text and "state_dir: /var/lib/edged" in text
+    assert f"mkdir {root}/var/lib/edged (mode 0700, owner edged)" in text
     assert f"write {root}/etc/systemd/system/edged.service (mode 0644)" in text
     assert "ExecStart=" in text and "RestartPreventExitStatus=64 66 78" in text
     assert f"+ systemctl --root {root} enable edged.service" in text
@@ -187,6 +188,10 @@ def test_install_into_a_root_tree(tmp_path):
     assert _mode(conf_dir) == 0o750 and (conf_dir.stat().st_uid, conf_dir.stat().st_gid) == (0, edged_gid)
     assert _mode(conf) == 0o640 and (conf.stat().st_uid, conf.stat().st_gid) == (0, edged_gid)
     assert _mode(unit) == 0o644
+    # The state directory exists before the first start, as the unit's StateDirectory= makes it.
+    state = root / "var" / "lib" / "edged"
+    assert _mode(state) == 0o700
+    assert (state.stat().st_uid, state.stat().st_gid) == (int(passwd["edged"][2]), int(passwd["edged"][3]))
     assert (root / "etc" / "systemd" / "system" / "multi-user.target.wants" / "edged.service").is_symlink()
     assert f"ExecStart={install.find_edged_bin()} run --config /etc/edged/edged.yaml" in unit.read_text()
 
@@ -215,6 +220,7 @@ def test_install_into_a_root_tree(tmp_path):
     assert f"+ usermod --root {root} --append --groups apex edged" in again.stdout
     assert "edged" in _group_file(root)["apex"][1]
     assert f"replace {unit}" in again.stdout
+    assert f"set {state} (mode 0700, owner edged)" in again.stdout
 
 
 def test_home_directory_installs_are_refused(tmp_path, monkeypatch, capsys):
