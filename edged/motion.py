@@ -45,9 +45,17 @@ class MotionDetector:
         self.moving_fraction = 0.0  # share of the small frame that moved, last update
         self.mask: Optional[np.ndarray] = None  # last motion mask (small frame, uint8 0/1)
         self.scale = (1.0, 1.0)  # frame pixels per mask pixel (x, y)
+        # What changed since the previous frame or the one before (frame differencing). Unlike the
+        # background difference it has no ghost: a person who walked in and stopped stops showing here
+        # at once, while the background takes 1 / alpha frames to take them in.
+        self.moving_now = np.zeros((0, 4), np.float32)
+        self._prev: Optional[np.ndarray] = None
+        self._prev_changed: Optional[np.ndarray] = None
 
     def reset(self) -> None:
         self._bg = None
+        self._prev = self._prev_changed = None
+        self.moving_now = np.zeros((0, 4), np.float32)
 
     def update(self, image: np.ndarray) -> np.ndarray:
         """(K, 4) float32 boxes x1 y1 x2 y2 in frame pixels; empty on the first frame."""
@@ -63,7 +71,14 @@ class MotionDetector:
             self._shape = (sh, sw)
             self.moving_fraction = 0.0
             self.mask = np.zeros((sh, sw), np.uint8)
+            self._prev, self._prev_changed = grey, self.mask
+            self.moving_now = np.zeros((0, 4), np.float32)
             return np.zeros((0, 4), np.float32)
+        changed = (cv2.absdiff(grey, self._prev) > self.threshold).astype(np.uint8)
+        # Or the frame before: a camera that repeats frames (a 12.5 fps sensor in a 25 fps stream) shows
+        # no change on every other one.
+        self.moving_now = self.boxes(changed | self._prev_changed)
+        self._prev, self._prev_changed = grey, changed
         diff = cv2.absdiff(grey.astype(np.float32), self._bg)
         cv2.accumulateWeighted(grey, self._bg, self.alpha)
         mask = (diff > self.threshold).astype(np.uint8)
@@ -353,9 +368,12 @@ class RegionPlanner:
         self._cell = (1.0, 1.0)
 
     def plan(self, frame: Frame, motion: np.ndarray, view: TrackView,
-             unexplained: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Plan:
-        """`motion`: boxes of what moved; `unexplained(covered)`: the moving blobs outside `covered`
-        boxes (MotionDetector.unexplained; without it, motion boxes mostly outside every track count)."""
+             unexplained: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+             moving_now: Optional[np.ndarray] = None) -> Plan:
+        """`motion`: boxes of what differs from the background; `unexplained(covered)`: the moving blobs
+        outside `covered` boxes (MotionDetector.unexplained; without it, motion boxes mostly outside every
+        track count); `moving_now`: boxes of what changed since the last frames (MotionDetector.moving_now;
+        without it, `motion`), which tells the tracks that move from those that stand."""
         w, h = frame.size
         now = frame.stream_time
         if now - self._last_scan >= self.scan_s:
@@ -363,13 +381,20 @@ class RegionPlanner:
             # move (present when edged started, arrived during a lighting change) is found too.
             return Plan(np.array([[0.0, 0.0, float(w), float(h)]]), {"scan": 1})
         boxes = _clip(view.at(frame.index), w, h)
+        now_moving = (motion if moving_now is None else moving_now).astype(np.float64).reshape(-1, 4)
+        moving = covered_fraction(boxes, now_moving) > 0.0 if len(now_moving) else np.zeros(len(boxes), bool)
+        # A track is looked for where it is predicted and where it was last detected: between refreshes its
+        # prediction drifts along its velocities (its size too), and a region around the drifted box alone
+        # can cut the object it should find (a person who stopped, a walker who turned).
+        seen = _clip(view.last_seen(), w, h)
+        covers = np.concatenate([np.minimum(boxes[:, :2], seen[:, :2]), np.maximum(boxes[:, 2:], seen[:, 2:])], 1)
         reasons: Dict[str, int] = {}
         wanted: List[np.ndarray] = []
         self.note_motion(motion, w, h, now)
         # Motion that no track explains: something new (or a track the tracker lost), looked at on the
         # moving tracks' cadence (a call at most every track_interval_s for it).
         if len(motion) and now - self._last_call >= self.track_interval_s - 1e-6:
-            grown_tracks = grow(boxes, self.region_margin, w, h)
+            grown_tracks = grow(covers, self.region_margin, w, h)
             if unexplained is not None:
                 new = unexplained(grown_tracks).astype(np.float64)
             else:
@@ -382,8 +407,6 @@ class RegionPlanner:
                 wanted.append(grow(new, self.region_margin, w, h, min_size=0.1 * h))
                 reasons["motion"] = len(new)
         if len(view.ids):
-            moving = covered_fraction(boxes, motion.astype(np.float64).reshape(-1, 4)) > 0.0 if len(motion) else \
-                np.zeros(len(view.ids), bool)
             last = np.array([self._last_look.get(int(i), -np.inf) for i in view.ids])
             age = now - last
             due_tentative = ~view.confirmed
@@ -397,7 +420,7 @@ class RegionPlanner:
             if due.any() or wanted:
                 # The cost is the model call, not the regions on its canvas: once a call is made, every live
                 # track is looked at, and their schedules line up (one call for all of them).
-                wanted.append(boxes)
+                wanted.append(covers)
         if not wanted:
             return Plan(np.zeros((0, 4)), reasons)
         regions = merge_overlapping(grow(np.concatenate(wanted), self.region_margin, w, h, self.min_region))
@@ -487,7 +510,7 @@ class GatedDetector:
         w, h = frame.size
         motion = self.motion.update(frame.image)
         view = self.view()
-        plan = self.planner.plan(frame, motion, view, self.motion.unexplained)
+        plan = self.planner.plan(frame, motion, view, self.motion.unexplained, self.motion.moving_now)
         for k, v in plan.reasons.items():
             self.reasons[k] = self.reasons.get(k, 0) + v
         if not len(plan.regions):

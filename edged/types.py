@@ -95,10 +95,16 @@ class TrackView:
     boxes: np.ndarray  # (T, 4) float, frame pixels, at frame_index
     velocities: np.ndarray  # (T, 2) box-centre pixels per frame
     confirmed: np.ndarray  # (T,) bool
+    # (T, 4) where each track was last detected. A track not looked at for a while is predicted along
+    # its velocities, size included; the region that refreshes it covers where it was seen too.
+    seen: Optional[np.ndarray] = None
 
     @staticmethod
     def empty() -> "TrackView":
         return TrackView(-1, np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros((0, 2)), np.zeros(0, bool))
+
+    def last_seen(self) -> np.ndarray:
+        return self.boxes if self.seen is None else self.seen
 
     def at(self, frame_index: int) -> np.ndarray:
         """Boxes extrapolated to `frame_index` along their velocity."""

@@ -169,3 +169,32 @@ def test_people_standing_still_stay_tracked_on_a_few_model_calls():
     assert run.counters.detector_calls <= 15, run.counters.detector_calls
     full = _run_scene(spec, {"detector": {"motion": {"enabled": False}}})
     assert full.counters.macs >= 10 * run.counters.macs
+
+
+def test_a_person_who_stops_keeps_a_whole_box():
+    """Walk in, stand, walk out. Between refreshes a standing track is predicted along its last velocities
+    (its size too), so its region must also cover where it was last seen; and it stops counting as moving
+    as soon as it stops (frame differencing), not when the background has taken it in. Every detection of
+    the standing person is its whole box, and it is tracked as one person throughout."""
+    from tests.conftest import need_module
+
+    need_module("skimage")
+    from edged.scene import Scene, SceneObject, SceneSpec, Waypoint
+    from edged.tracking.matching import iou_matrix
+
+    path = (Waypoint(0, -80, 260), Waypoint(50, 320, 260), Waypoint(200, 320, 260), Waypoint(250, 720, 260),
+            Waypoint(299, 720, 260))
+    spec = SceneSpec(640, 480, 10.0, 300, 4, (SceneObject(1, "astronaut", 220, path),))
+    run = _run_scene(spec, {})
+    gt = dict(Scene(spec).gt())
+    standing = [i for i in range(60, 200) if i in run.detections]
+    assert len(standing) >= 3, "a standing person is still looked at now and then"
+    for i in standing:
+        (g,) = gt[i]
+        truth = np.array([[g.x, g.y, g.x + g.w, g.y + g.h]])
+        found = run.detections[i]
+        assert len(found) == 1 and iou_matrix(truth, found.astype(np.float64))[0, 0] >= 0.8, (i, found, truth)
+    ids = {int(row[1]) for row in run.mot_rows}
+    assert len(ids) == 1 and [e["type"] for e in run.events].count("enter") == 1
+    # Once it stands, a look per refresh, not per track_interval.
+    assert sum(1 for i in range(80, 200) if i in run.detections) <= 12

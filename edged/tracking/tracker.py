@@ -40,7 +40,7 @@ from edged.types import Detections, TrackerStep, TrackSnapshot
 MEAN = slice(0, 8)  # x, y, a, h, vx, vy, va, vh
 COV = slice(8, 20)  # block covariance (3, 4) flattened, see kalman.py
 HITS, AGE, TSU, SCORE, ID, CLASS, SLOT, CONFIRMED = range(20, 28)
-LAST_Z = slice(28, 32)  # last real observation (x, y, a, h)
+LAST_Z = slice(28, 32)  # last real observation (x, y, a, h), always kept
 LAST_STATE = slice(32, 52)  # mean and covariance right after it (OC-SORT re-update)
 WIDTH = 52
 
@@ -310,11 +310,12 @@ class Tracker:
         inside = (x >= regions[:, 0]) & (x <= regions[:, 2]) & (y >= regions[:, 1]) & (y <= regions[:, 3])
         return ~inside.any(axis=1)
 
-    def view(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def view(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Every live track (tentative ones too) as (ids, boxes x1 y1 x2 y2, centre velocity in pixels per
-        frame, confirmed): what region-based detection needs to know where to look next."""
+        frame, confirmed, last detected box): what region-based detection needs to know where to look next."""
         S = self._state[: self._n]
-        return (S[:, ID].astype(np.int64), kalman.xyah_to_boxes(S), S[:, 4:6].copy(), S[:, CONFIRMED] > 0)
+        return (S[:, ID].astype(np.int64), kalman.xyah_to_boxes(S), S[:, 4:6].copy(), S[:, CONFIRMED] > 0,
+                kalman.xyah_to_boxes(S[:, LAST_Z]))
 
     @property
     def next_id(self) -> int:
@@ -458,8 +459,8 @@ class Tracker:
         tracks[:, HITS] += 1.0
         tracks[:, TSU] = 0.0
         tracks[:, SCORE] = sm
+        tracks[:, LAST_Z] = zm  # where it was last seen (also for region-based detection, view())
         if cfg.observation_reupdate:
-            tracks[:, LAST_Z] = zm
             tracks[:, LAST_STATE] = tracks[:, 0:20]
         S[rows] = tracks
         if feats is not None:
@@ -507,8 +508,8 @@ class Tracker:
         new[:, SCORE] = scores[det_idx]
         new[:, ID] = np.arange(self._next_id, self._next_id + k)
         new[:, CLASS] = det_classes[det_idx]
+        new[:, LAST_Z] = z[det_idx]
         if self.cfg.observation_reupdate:
-            new[:, LAST_Z] = z[det_idx]
             new[:, LAST_STATE] = new[:, 0:20]
         self._next_id += k
         self._n = n + k
@@ -586,7 +587,7 @@ class Tracker:
                 self._proto_stamp[slots] = -1.0
 
     def _seed_last_observation(self) -> None:
-        """LAST_Z / LAST_STATE (kept only while observation_reupdate is on) for the live tracks. The mean
+        """LAST_STATE (kept only while observation_reupdate is on) and LAST_Z for the live tracks. The mean
         is exact: prediction keeps the velocity, so the box is just run back time_since_update steps."""
         S = self._state[: self._n]
         mean = S[:, MEAN].copy()
