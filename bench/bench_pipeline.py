@@ -32,7 +32,10 @@ sys.path.insert(0, str(ROOT))
 from _common import report, start_mosquitto  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
-MODES = {"full frame": ["--set", "detector.motion.enabled=false", "--set", "encoder.mode=always"], "default": []}
+# "models on 1 thread": the detector and encoder each on one core, so the other core is free for decoding,
+# motion, tracking and delivery to overlap with the model (on 2 cores the default 2 model threads take both).
+MODES = {"full frame": ["--set", "detector.motion.enabled=false", "--set", "encoder.mode=always"], "default": [],
+         "default, models on 1 thread": ["--set", "detector.threads=1", "--set", "encoder.threads=1"]}
 
 
 def parse_ts(ts: str) -> float:
