@@ -492,6 +492,8 @@ class GatedDetector:
     `model` needs `input_size` ((h, w)), `macs` (per call) and `detect_canvas(rgb_canvas)` returning
     Detections in canvas pixels; `view()` returns the newest TrackView the tracking stage published."""
 
+    plans_from_tracks = True  # the pipeline lets the tracker take the previous frame before detect_frame
+
     def __init__(self, model, view, *, motion: MotionDetector, planner: RegionPlanner, max_scale: float = 2.0):
         self.model = model
         self.view = view

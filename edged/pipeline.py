@@ -148,6 +148,7 @@ class CommandQueue:
 class Detected:
     frame: Frame
     detections: Detections
+    handoff_seq: int = 0  # 1, 2, ... in hand-off order on the threaded path; 0 when driven synchronously
 
 
 @dataclass
@@ -160,6 +161,7 @@ class PipelineCounters:
     encoded: int = 0  # detections described by the appearance encoder
     macs: int = 0  # multiply-accumulates the detector and the encoder executed
     model_ms: float = 0.0  # time spent inside model invocations (detector and encoder)
+    stale_track_views: int = 0  # frames whose regions were planned without waiting for the tracker (it hung)
     last_frame_at: float = 0.0  # monotonic time the last frame left the tracking stage (0 = none yet)
     first_frame_at: float = 0.0  # monotonic time the first frame left it
     stage_ms: Dict[str, float] = field(default_factory=dict)  # exponential moving averages
@@ -216,6 +218,14 @@ class Pipeline:
         self.tracking_done = False  # the tracking loop has seen end-of-stream
         self.finished = False  # finish() ran: every entered track has its exit
         self._latest: Optional[Tuple[Frame, List[TrackSnapshot], Detections]] = None
+        # A detector that plans where to look from the live tracks (motion-gated regions) sees them as of
+        # the frame it handed off last, as in synchronous driving: the inference stage waits for the
+        # tracker to take that frame (the events and delivery of it still overlap with the next detection).
+        # Without the wait the view would lag by 0-4 frames depending on thread timing, and so would what
+        # the daemon tracks.
+        self._tracked = threading.Condition()
+        self._handed_off = 0  # frames put on the hand-off queue
+        self._tracker_took = 0  # of those, frames the tracker has updated on
 
     # ---------------------------------------------------------------------------- views (any thread)
     def latest(self) -> Optional[Tuple[Frame, List[TrackSnapshot], Detections]]:
@@ -275,12 +285,29 @@ class Pipeline:
                     break
                 continue
             self.counters.frames_in += 1
-            if not self._handoff_put(self.infer(frame), stop):
+            if getattr(self.detector, "plans_from_tracks", False):
+                self._await_tracker(stop)
+            item = self.infer(frame)
+            item.handoff_seq = self._handed_off + 1
+            if not self._handoff_put(item, stop):
                 return
+            self._handed_off = item.handoff_seq
             if self.max_frames and self.counters.frames_in >= self.max_frames:
                 break
         if not self.inference_done and self._handoff_put(_END, stop):
             self.inference_done = True
+
+    def _await_tracker(self, stop: threading.Event, poll_s: float = 0.2, max_wait_s: float = 2.0) -> None:
+        """Until the tracker has updated on every frame handed off (bounded: a tracking stage being
+        restarted by its supervisor must not stall detection; the view is then just older)."""
+        give_up_at = time.monotonic() + max_wait_s
+        with self._tracked:
+            while self._tracker_took < self._handed_off and not stop.is_set():
+                left = give_up_at - time.monotonic()
+                if left <= 0:
+                    self.counters.stale_track_views += 1
+                    return
+                self._tracked.wait(min(poll_s, left))
 
     def _handoff_put(self, item: Any, stop: threading.Event, poll_s: float = 0.2, grace_s: float = 5.0) -> bool:
         """Blocks while the tracking stage is behind (backpressure). After `stop`, a frame is dropped
@@ -305,19 +332,25 @@ class Pipeline:
         """Track one frame, turn the step into events and hand them to the sink (tracking thread).
         Returns the events the sink took (with any earlier ones it had refused)."""
         frame = item.frame
-        if self.engine is None:
-            self.engine = self._make_engine(frame, self._source_fps())
-        t0 = self._clock()
-        step = self.tracker.update(item.detections)
-        t1 = self._clock()
-        events = self.engine.process(step, frame_index=frame.index, timestamp=frame.timestamp,
-                                     stream_time=frame.stream_time)
-        t2 = self._clock()
-        self.counters.add_time("track", (t1 - t0) * 1e3)
-        self.counters.add_time("events", (t2 - t1) * 1e3)
-        self._latest = (frame, step.tracks, item.detections)
-        for observe in self.observers:
-            observe(frame, step, item.detections)
+        try:
+            if self.engine is None:
+                self.engine = self._make_engine(frame, self._source_fps())
+            t0 = self._clock()
+            step = self.tracker.update(item.detections)
+            t1 = self._clock()
+            events = self.engine.process(step, frame_index=frame.index, timestamp=frame.timestamp,
+                                         stream_time=frame.stream_time)
+            t2 = self._clock()
+            self.counters.add_time("track", (t1 - t0) * 1e3)
+            self.counters.add_time("events", (t2 - t1) * 1e3)
+            self._latest = (frame, step.tracks, item.detections)
+            for observe in self.observers:
+                observe(frame, step, item.detections)
+        finally:  # also when it failed: the frame is gone either way, and detection must not wait for it
+            if item.handoff_seq:
+                with self._tracked:
+                    self._tracker_took = max(self._tracker_took, item.handoff_seq)
+                    self._tracked.notify_all()
         self.counters.frames_processed += 1
         self.counters.last_frame_at = self._clock()
         if not self.counters.first_frame_at:

@@ -282,9 +282,12 @@ def test_tud_stadtmitte_video_scores(tmp_path, broker):
         overall = scores.get("overall", scores)
         print(f"TUD-Stadtmitte: MOTA {overall['MOTA']:.3f} IDF1 {overall['IDF1']:.3f} "
               f"IDsw {overall['IDSW']} person enters {enters}")
-        assert overall["MOTA"] >= 0.25
-        assert overall["IDF1"] >= 0.45
-        assert enters <= 13
+        # The default (motion-gated) mode scores MOTA 0.706, IDF1 0.759, 13 enters, the same in every run
+        # (the region planner sees the tracker as of the previous frame, whatever the thread timing).
+        # Issue 10's bar against full-frame mode (0.715 / 0.761 / 13): IDF1 within 0.02, enters <= 13 + 1.
+        assert overall["MOTA"] >= 0.68
+        assert overall["IDF1"] >= 0.741
+        assert enters <= 14
     finally:
         sub.close()
 

@@ -228,3 +228,62 @@ def test_command_queue_runs_in_order_and_counts():
     assert order == [0, 1, 2] and [c.result() for c in cmds] == [0, 1, 2]
     with pytest.raises(RuntimeError):
         q.submit("late", lambda: None).result()
+
+
+class PlanningDetector(GroundTruthDetector):
+    """Like the motion-gated detector, plans from the live tracks: records which frame the tracker had
+    last taken when each frame was detected."""
+
+    plans_from_tracks = True
+
+    def __init__(self, by_frame, tracked: List[int]):
+        super().__init__(by_frame)
+        self.tracked = tracked
+        self.seen_at: Dict[int, int] = {}
+
+    def detect_frame(self, frame: Frame) -> Detections:
+        self.seen_at[frame.index] = self.tracked[-1] if self.tracked else -1
+        return super().detect_frame(frame)
+
+
+def _threaded_run(p: Pipeline, fail_on: int = -1) -> None:
+    """The two stage loops on their own threads, as the daemon runs them; the tracking loop restarted
+    after a failure as the supervisor would."""
+    stop = threading.Event()
+
+    def tracking():
+        while not p.tracking_done:
+            try:
+                p.run_tracking(stop)
+            except RuntimeError:
+                continue
+
+    threads = [threading.Thread(target=p.run_inference, args=(stop,)), threading.Thread(target=tracking)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+
+
+@pytest.mark.parametrize("fail_on", [-1, 5])
+def test_a_planning_detector_sees_the_tracker_as_of_the_previous_frame(scene_frames, fail_on):
+    """Threads or not, a detector that plans from the tracks sees them updated on every earlier frame,
+    so the daemon tracks exactly as synchronous driving does; a frame whose tracking failed does not
+    make detection wait for it."""
+    frames, dets, _ = scene_frames
+    tracked: List[int] = []
+
+    def observe(frame, step, detections):
+        if frame.index == fail_on and fail_on not in tracked:
+            tracked.append(frame.index)
+            raise RuntimeError("tracking failed (injected)")
+        tracked.append(frame.index)
+
+    detector = PlanningDetector(dets, tracked)
+    p = _pipeline(frames, dets, ListSink(), observers=[observe])
+    p.detector = detector
+    _threaded_run(p)
+    assert p.counters.frames_processed == len(frames) - (1 if fail_on >= 0 else 0)
+    assert detector.seen_at == {f.index: f.index - 1 for f in frames}
+    assert p.counters.stale_track_views == 0
