@@ -56,7 +56,7 @@ def run_configured(cfg: Any, frames: Iterable[Tuple[int, np.ndarray]], fps: floa
     from edged.pipeline import Pipeline
     from edged.service import frame_detector
     from edged.tracking.tracker import Tracker
-    from edged.types import Detections, Frame, TrackerStep, TrackView
+    from edged.types import Detections, Frame, TrackerStep
 
     model = YoloDetector.from_config(cfg.detector, config_path)
     encoder = None
@@ -65,7 +65,6 @@ def run_configured(cfg: Any, frames: Iterable[Tuple[int, np.ndarray]], fps: floa
 
         encoder = AppearanceEncoder.from_config(cfg.encoder, config_path)
     tracker = Tracker(cfg.tracker.resolved(getattr(encoder, "suggested_max_cosine_distance", None)))
-    view = {"v": TrackView.empty()}
     run = ComputeRun(None, 0, 0.0, model.macs, int(getattr(encoder, "macs", 0) or 0))
 
     class Sink:
@@ -73,7 +72,6 @@ def run_configured(cfg: Any, frames: Iterable[Tuple[int, np.ndarray]], fps: floa
             run.events.extend(evs)
 
     def observe(frame: Frame, step: TrackerStep, dets: Detections) -> None:
-        view["v"] = TrackView(frame.index, *tracker.view())
         if getattr(p.detector, "last_calls", 1):
             run.detections[frame.index] = dets.boxes.copy()
         for t in step.tracks:
@@ -85,7 +83,7 @@ def run_configured(cfg: Any, frames: Iterable[Tuple[int, np.ndarray]], fps: floa
         return EventEngine(cfg.events, device_id="bench", camera=cfg.capture.name, class_names=model.class_names,
                            frame_size=frame.size, fps=source_fps, track_classes=list(cfg.detector.classes))
 
-    p = Pipeline(source=None, detector=frame_detector(model, cfg, lambda: view["v"]), encoder=encoder,
+    p = Pipeline(source=None, detector=frame_detector(model, cfg, lambda: p.track_view()), encoder=encoder,
                  encode_lazily=cfg.encoder.mode == "ambiguous", tracker=tracker, make_engine=make_engine,
                  sink=Sink(), source_fps=lambda: fps, observers=[observe])
     for i, image in frames:

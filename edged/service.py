@@ -293,7 +293,6 @@ class Daemon:
         self._remote_problem = remote_problem
         self.remote = None  # RemoteConfigStage when remote configuration is on
         self._frame_tick = threading.Condition()
-        self._track_view: Any = None
         self.config_path = config_path
         self.source_override = source_override
         self.mqtt_enabled = mqtt_enabled
@@ -413,17 +412,14 @@ class Daemon:
             self._build_remote_config()
 
     def _tick(self, frame: Frame, _step: TrackerStep, _dets: Detections) -> None:
-        from edged.types import TrackView
-
-        self._track_view = TrackView(frame.index, *self.tracker.view())
         with self._frame_tick:
             self._frame_tick.notify_all()
 
     def track_view(self) -> Any:
-        """The live tracks as the tracking stage last saw them (read by the inference stage)."""
+        """The live tracks for planning the frame being detected (edged.pipeline.PLAN_LAG)."""
         from edged.types import TrackView
 
-        return self._track_view if self._track_view is not None else TrackView.empty()
+        return self.pipeline.track_view() if self.pipeline is not None else TrackView.empty()
 
     def _build_remote_config(self) -> None:
         from edged.remote_config import (

@@ -231,22 +231,31 @@ def test_command_queue_runs_in_order_and_counts():
 
 
 class PlanningDetector(GroundTruthDetector):
-    """Like the motion-gated detector, plans from the live tracks: records which frame the tracker had
-    last taken when each frame was detected."""
+    """Like the motion-gated detector, plans from the live tracks: records the frame of the track view
+    it was given for each frame it detected."""
 
     plans_from_tracks = True
 
-    def __init__(self, by_frame, tracked: List[int]):
+    def __init__(self, by_frame):
         super().__init__(by_frame)
-        self.tracked = tracked
-        self.seen_at: Dict[int, int] = {}
+        self.pipeline: Optional[Pipeline] = None
+        self.view_of: Dict[int, int] = {}
 
     def detect_frame(self, frame: Frame) -> Detections:
-        self.seen_at[frame.index] = self.tracked[-1] if self.tracked else -1
-        return super().detect_frame(frame)
+        view = self.pipeline.track_view()
+        self.view_of[frame.index] = view.frame_index
+        found = super().detect_frame(frame)
+        if frame.index % 8 == 0 or not len(found):
+            return found  # a whole-frame look now and then
+        # Otherwise only near the tracks (what the tracker gets depends on the view it was planned on).
+        near = view.at(frame.index)
+        cx, cy = (found.boxes[:, 0] + found.boxes[:, 2]) / 2, (found.boxes[:, 1] + found.boxes[:, 3]) / 2
+        keep = ((cx[:, None] > near[:, 0] - 20) & (cx[:, None] < near[:, 2] + 20)
+                & (cy[:, None] > near[:, 1] - 20) & (cy[:, None] < near[:, 3] + 20)).any(axis=1)
+        return found.subset(np.flatnonzero(keep))
 
 
-def _threaded_run(p: Pipeline, fail_on: int = -1) -> None:
+def _threaded_run(p: Pipeline) -> None:
     """The two stage loops on their own threads, as the daemon runs them; the tracking loop restarted
     after a failure as the supervisor would."""
     stop = threading.Event()
@@ -266,24 +275,53 @@ def _threaded_run(p: Pipeline, fail_on: int = -1) -> None:
     assert not any(t.is_alive() for t in threads)
 
 
+@pytest.mark.parametrize("threaded", [False, True])
 @pytest.mark.parametrize("fail_on", [-1, 5])
-def test_a_planning_detector_sees_the_tracker_as_of_the_previous_frame(scene_frames, fail_on):
-    """Threads or not, a detector that plans from the tracks sees them updated on every earlier frame,
-    so the daemon tracks exactly as synchronous driving does; a frame whose tracking failed does not
-    make detection wait for it."""
+def test_a_planning_detector_sees_the_tracks_a_fixed_number_of_frames_back(scene_frames, threaded, fail_on):
+    """Threads or not, a detector that plans from the tracks plans frame N on the tracks as updated on
+    frame N - PLAN_LAG, so the daemon tracks exactly as synchronous driving does; a frame whose tracking
+    stage failed (after the tracker took it) does not make detection wait."""
+    from edged.pipeline import PLAN_LAG
+
     frames, dets, _ = scene_frames
-    tracked: List[int] = []
 
     def observe(frame, step, detections):
-        if frame.index == fail_on and fail_on not in tracked:
-            tracked.append(frame.index)
+        if frame.index == fail_on:
             raise RuntimeError("tracking failed (injected)")
-        tracked.append(frame.index)
 
-    detector = PlanningDetector(dets, tracked)
+    detector = PlanningDetector(dets)
     p = _pipeline(frames, dets, ListSink(), observers=[observe])
+    detector.pipeline = p
     p.detector = detector
-    _threaded_run(p)
-    assert p.counters.frames_processed == len(frames) - (1 if fail_on >= 0 else 0)
-    assert detector.seen_at == {f.index: f.index - 1 for f in frames}
+    if threaded:
+        _threaded_run(p)
+    else:
+        for frame in frames:
+            try:
+                p.process(frame)
+            except RuntimeError:
+                pass
+    assert detector.view_of == {f.index: max(f.index - PLAN_LAG, -1) for f in frames}
     assert p.counters.stale_track_views == 0
+    assert p.counters.frames_processed == len(frames) - (1 if fail_on >= 0 else 0)
+
+
+def test_threads_do_not_change_what_is_tracked(scene_frames):
+    """The same frames, synchronously and on the daemon's two threads: the same tracks on every frame."""
+    runs = []
+    for threaded in (False, True):
+        frames, dets, _ = scene_frames
+        detector = PlanningDetector(dets)
+        p = _pipeline(frames, dets, ListSink())
+        detector.pipeline = p
+        p.detector = detector
+        by_frame: Dict[int, list] = {}
+        p.observers.append(lambda frame, step, _d: by_frame.update(
+            {frame.index: sorted((t.track_id, tuple(np.round(t.box, 3))) for t in step.tracks)}))
+        if threaded:
+            _threaded_run(p)
+        else:
+            for frame in frames:
+                p.process(frame)
+        runs.append(by_frame)
+    assert runs[0] == runs[1] and len(runs[0]) == len(scene_frames[0])
