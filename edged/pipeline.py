@@ -228,10 +228,11 @@ class Pipeline:
         self._latest: Optional[Tuple[Frame, List[TrackSnapshot], Detections]] = None
         # Track views for a planning detector (PLAN_LAG): seq -> TrackView after the tracker took that frame.
         self._tracked = threading.Condition()
-        self._seq = 0  # frames that entered the pipeline
+        self._seq = 0  # frames detected (and so handed to the tracker)
         self._tracker_took = 0  # seq of the last frame the tracker is done with
         self._views: Dict[int, TrackView] = {}
         self._planning_seq = 0  # seq of the frame being detected
+        self._inference_stop: Optional[threading.Event] = None  # set while run_inference runs on its thread
 
     # ---------------------------------------------------------------------------- views (any thread)
     def latest(self) -> Optional[Tuple[Frame, List[TrackSnapshot], Detections]]:
@@ -242,6 +243,10 @@ class Pipeline:
         """The live tracks for planning the frame being detected: as updated PLAN_LAG frames earlier
         (or the newest view before that, when the tracker failed on that frame)."""
         want = self._planning_seq - PLAN_LAG
+        if self._inference_stop is not None:
+            # Waits here, not before the frame: the detector's own work before planning (the motion
+            # mask) overlaps with the tracker finishing the previous frame.
+            self._await_tracker(want, self._inference_stop)
         with self._tracked:
             older = [k for k in self._views if k <= want]
             return self._views[max(older)] if older else TrackView.empty()
@@ -252,8 +257,9 @@ class Pipeline:
 
     def infer(self, frame: Frame) -> Detected:
         """Detect and encode one frame (inference thread)."""
-        self._seq += 1
-        self._planning_seq = self._seq
+        # A frame gets its seq once detected: one whose detection failed never reaches the tracker, and the
+        # next frame must not wait for it.
+        self._planning_seq = self._seq + 1
         t0 = self._clock()
         dets = self.detector.detect_frame(frame)
         dets.frame_size = frame.size
@@ -274,6 +280,7 @@ class Pipeline:
             else:
                 dets.features = self._encode(encoder, frame.image, dets.boxes)
                 self.counters.add_time("encode", (self._clock() - t1) * 1e3)
+        self._seq = self._planning_seq
         return Detected(frame, dets, self._seq)
 
     def _encode(self, encoder: Encoder, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -296,6 +303,7 @@ class Pipeline:
 
     def run_inference(self, stop: threading.Event, poll_s: float = 0.2) -> None:
         """Source -> detect/encode -> hand-off, until the source finishes, max_frames, or `stop`."""
+        self._inference_stop = stop
         while not stop.is_set() and not self.inference_done:
             self.inference_commands.run_pending()
             frame = self.source.get(timeout=poll_s)
@@ -304,8 +312,6 @@ class Pipeline:
                     break
                 continue
             self.counters.frames_in += 1
-            if self._plans():
-                self._await_tracker(self._seq + 1 - PLAN_LAG, stop)
             if not self._handoff_put(self.infer(frame), stop):
                 return
             if self.max_frames and self.counters.frames_in >= self.max_frames:

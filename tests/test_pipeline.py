@@ -236,13 +236,16 @@ class PlanningDetector(GroundTruthDetector):
 
     plans_from_tracks = True
 
-    def __init__(self, by_frame):
+    def __init__(self, by_frame, fail_on: int = -1):
         super().__init__(by_frame)
         self.pipeline: Optional[Pipeline] = None
         self.view_of: Dict[int, int] = {}
+        self.fail_on = fail_on
 
     def detect_frame(self, frame: Frame) -> Detections:
         view = self.pipeline.track_view()
+        if frame.index == self.fail_on:
+            raise RuntimeError("detection failed (injected)")
         self.view_of[frame.index] = view.frame_index
         found = super().detect_frame(frame)
         if frame.index % 8 == 0 or not len(found):
@@ -267,7 +270,14 @@ def _threaded_run(p: Pipeline) -> None:
             except RuntimeError:
                 continue
 
-    threads = [threading.Thread(target=p.run_inference, args=(stop,)), threading.Thread(target=tracking)]
+    def inference():
+        while not p.inference_done:
+            try:
+                p.run_inference(stop)
+            except RuntimeError:
+                continue
+
+    threads = [threading.Thread(target=inference), threading.Thread(target=tracking)]
     for t in threads:
         t.start()
     for t in threads:
@@ -276,20 +286,22 @@ def _threaded_run(p: Pipeline) -> None:
 
 
 @pytest.mark.parametrize("threaded", [False, True])
-@pytest.mark.parametrize("fail_on", [-1, 5])
-def test_a_planning_detector_sees_the_tracks_a_fixed_number_of_frames_back(scene_frames, threaded, fail_on):
+@pytest.mark.parametrize("fail_in", ["nothing", "tracking", "detection"])
+def test_a_planning_detector_sees_the_tracks_a_fixed_number_of_frames_back(scene_frames, threaded, fail_in):
     """Threads or not, a detector that plans from the tracks plans frame N on the tracks as updated on
     frame N - PLAN_LAG, so the daemon tracks exactly as synchronous driving does; a frame whose tracking
-    stage failed (after the tracker took it) does not make detection wait."""
+    stage failed (after the tracker took it) or whose detection failed does not make detection wait."""
     from edged.pipeline import PLAN_LAG
 
     frames, dets, _ = scene_frames
 
+    fail_on = 5
+
     def observe(frame, step, detections):
-        if frame.index == fail_on:
+        if fail_in == "tracking" and frame.index == fail_on:
             raise RuntimeError("tracking failed (injected)")
 
-    detector = PlanningDetector(dets)
+    detector = PlanningDetector(dets, fail_on if fail_in == "detection" else -1)
     p = _pipeline(frames, dets, ListSink(), observers=[observe])
     detector.pipeline = p
     p.detector = detector
@@ -301,9 +313,13 @@ def test_a_planning_detector_sees_the_tracks_a_fixed_number_of_frames_back(scene
                 p.process(frame)
             except RuntimeError:
                 pass
-    assert detector.view_of == {f.index: max(f.index - PLAN_LAG, -1) for f in frames}
+    want = {f.index: max(f.index - PLAN_LAG, -1) for f in frames}
+    if fail_in == "detection":  # frame 5 was never tracked: frame 6 plans on frame 4's tracks
+        del want[fail_on]
+        want[fail_on + 1] = fail_on - 1
+    assert detector.view_of == want
     assert p.counters.stale_track_views == 0
-    assert p.counters.frames_processed == len(frames) - (1 if fail_on >= 0 else 0)
+    assert p.counters.frames_processed == len(frames) - (0 if fail_in == "nothing" else 1)
 
 
 def test_threads_do_not_change_what_is_tracked(scene_frames):
