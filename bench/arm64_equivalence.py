@@ -145,7 +145,8 @@ def video_frames(shared: Path, n: int) -> List[np.ndarray]:
 def _detections(det: YoloDetector, image: np.ndarray) -> Dict[str, Any]:
     d = det.detect(image)
     # The head tensors of that same invoke (no second run: it costs seconds per frame when emulated).
-    raw = [det.interpreter.get_tensor(spec.index) for spec in runtime.output_specs(det.interpreter)]
+    it = det.backend.interpreter  # TFLite backends keep the tensors of the last invoke
+    raw = [it.get_tensor(spec.index) for spec in runtime.output_specs(it)]
     canvas, _ = letterbox(image, det.net_h, det.net_w)
     return {
         "pixels": sha(image),
