@@ -146,8 +146,11 @@ class OpenCvSource(FrameSource):
             opened = cap.isOpened()
             cap.release()
             if not opened:
-                problem = f"cannot decode video file {self._url} (not a video, or a codec OpenCV lacks)"
+                problem = self._undecodable()
         return f"{self.config_key}: {problem}" if problem else None
+
+    def _undecodable(self) -> str:
+        return f"cannot decode video file {self._url} (not a video, or a codec OpenCV lacks)"
 
     def _file_problem(self) -> Optional[str]:
         path = Path(str(self._url))
@@ -187,8 +190,7 @@ class OpenCvSource(FrameSource):
         if not cap.isOpened():
             cap.release()
             if self.kind == "file":
-                raise SourceUnavailableError(f"{self.config_key}: cannot decode video file {self._url} "
-                                             "(not a video, or a codec OpenCV lacks)")
+                raise SourceUnavailableError(f"{self.config_key}: {self._undecodable()}")
             if self.kind == "url":
                 raise SourceError(f"OpenCV cannot open the stream: {_why_unreachable(str(self._url), self.timeout_s)}")
             raise SourceError(f"OpenCV cannot open the {self.kind}")

@@ -778,6 +778,8 @@ def read_secret(section: str, password_file: Optional[str], password_env: Option
             secret = path.read_text(encoding="utf-8").strip("\r\n")
         except OSError as exc:
             raise ConfigError(key, [f"{key}: cannot read {path}: {exc.strerror or exc}"]) from None
+        except UnicodeDecodeError:
+            raise ConfigError(key, [f"{key}: {path} is not UTF-8 text"]) from None
         if not secret:
             raise ConfigError(key, [f"{key}: {path} is empty"])
     elif password_env:

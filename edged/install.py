@@ -16,11 +16,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
-from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
 from edged.config import PACKAGE_DIR, ConfigError, build_config, parse_yaml
+from edged.secrets import redact_url
 
 DATA_DIR = PACKAGE_DIR / "data"
 UNIT_TEMPLATE = DATA_DIR / "edged.service"  # equal to the repository's systemd/edged.service
@@ -78,18 +78,6 @@ def unreachable_paths(paths: Sequence[Path], private: Sequence[Path] = ()) -> Li
 def service_paths(edged_bin: Path) -> List[Path]:
     """What the service runs and reads: the launcher, the interpreter, the package (with its models)."""
     return list(dict.fromkeys([edged_bin, edged_bin.resolve(), Path(sys.executable).resolve(), PACKAGE_DIR]))
-
-
-def redact_source(source: Union[int, str]) -> str:
-    """The source for printing: a password in a URL is replaced by ***."""
-    text = str(source)
-    parts = urlsplit(text)
-    if parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-    return text
 
 
 def parse_source(text: str) -> Union[int, str]:
@@ -185,8 +173,7 @@ def _write_file(path: Path, text: str, mode: int, group: Optional[Tuple[Path, st
 def _make_dir(path: Path, mode: int, group: Tuple[Path, str]) -> Callable[[], None]:
     def make() -> None:
         path.mkdir(parents=True, exist_ok=True)
-        os.chown(path, 0, _gid(*group))
-        os.chmod(path, mode)
+        _set_owner_mode(path, mode, group)()
 
     return make
 
@@ -277,7 +264,7 @@ def plan_install(args: argparse.Namespace, edged_bin: Path, ask: Callable[[str],
             source = parse_source(answer) if answer.strip() else DEFAULT_SOURCE
         text = service_config(EXAMPLE_CONFIG.read_text(), source)
         plan.add(f"write {conf} (mode {CONFIG_FILE_MODE:04o}, root:{user})", _write_file(conf, text, CONFIG_FILE_MODE, owner),
-                 detail=f"  from {EXAMPLE_CONFIG}\n  capture.source: {redact_source(source)}\n  state_dir: {STATE_DIR}")
+                 detail=f"  from {EXAMPLE_CONFIG}\n  capture.source: {redact_url(str(source))}\n  state_dir: {STATE_DIR}")
         if source == "demo":
             plan.notes.append("warning: the demo scene ends after 20 seconds and the service then stops; give a camera")
         elif isinstance(source, str) and source.startswith("/dev/") and not Path(source).exists():

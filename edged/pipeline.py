@@ -220,7 +220,6 @@ class Pipeline:
         self.counters = PipelineCounters()
         self._handoff: "queue.Queue[Any]" = queue.Queue(maxsize=handoff_size)
         self._unsent: List[dict] = []  # events the sink refused: sent first next time
-        self._state_dirty = False
         self._published_state_version = -1
         self.inference_done = False  # the inference loop has passed end-of-stream on
         self.tracking_done = False  # the tracking loop has seen end-of-stream

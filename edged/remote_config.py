@@ -26,7 +26,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from edged.config import ConfigError, EdgedConfig, config_to_dict, deep_merge, load_config
+from edged.statefiles import write_private_atomic
 
 log = logging.getLogger("edged.remote_config")
 
@@ -289,20 +289,7 @@ class OverlayStore:
         return (json.dumps(body, indent=1, sort_keys=True) + "\n").encode()
 
     def save(self) -> None:
-        data = self.to_json()
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, self.path)
-        dfd = os.open(str(self.path.parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_private_atomic(self.path, self.to_json())
 
     @property
     def versions(self) -> Dict[str, int]:

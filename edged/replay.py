@@ -88,7 +88,7 @@ class ReplayCapture:
         self.source = self  # the daemon shows `capture.source.description`
         self.description = description
 
-    def start(self, spawn=None) -> "ReplayCapture":
+    def start(self) -> "ReplayCapture":
         self._t0 = time.monotonic()
         return self
 
@@ -116,9 +116,6 @@ class ReplayCapture:
         return {"state": "ended" if self.ended.is_set() else "ok", "source": self.description, "live": False,
                 "captured": self._index, "delivered": self._index, "dropped": 0, "skipped": 0, "reconnects": 0,
                 "fps": self.fps, "last_error": None, "last_index": self._index - 1}
-
-    def check(self) -> Optional[str]:
-        return None
 
 
 def sequence_info(detections: Union[str, Path]) -> Dict[str, float]:

@@ -120,10 +120,6 @@ def register_secret(secret: Optional[str]) -> None:
         _secrets = tuple(sorted(known, key=len, reverse=True))
 
 
-def registered_secret_count() -> int:
-    return len(_secrets)
-
-
 def _replace_registered(text: str) -> str:
     for secret in _secrets:  # an immutable tuple: safe to read while another thread registers
         if secret in text:

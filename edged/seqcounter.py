@@ -6,11 +6,10 @@ I/O and a crash can only leave a gap, never a repeat. The files are written 0600
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
-from edged.statefiles import ensure_private_dir, open_private
+from edged.statefiles import ensure_private_dir, write_private_atomic
 
 
 def _read_reserved(path: Path) -> int:
@@ -24,22 +23,11 @@ def _read_reserved(path: Path) -> int:
 
 
 def _write_reserved(path: Path, value: int) -> None:
-    """Atomically and durably record `value` (a crash leaves the old or the new value, never half)."""
+    """Atomically and durably record `value`: after a power cut the previous reservation must not come
+    back, or numbers already handed out would be handed out again."""
     if not path.parent.is_dir():
         ensure_private_dir(path.parent)
-    tmp = path.with_suffix(".tmp")
-    with os.fdopen(open_private(tmp), "w") as fh:  # os.replace() keeps tmp's 0600
-        fh.write(str(value))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    # The rename is durable only once the directory is: without this a power cut could bring back
-    # the previous reservation and numbers already handed out would be handed out again.
-    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_private_atomic(path, str(value).encode())
 
 
 class SequenceCounter:

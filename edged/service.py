@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     daemon = Daemon(
         cfg,
         config_path=args.config,
-        mqtt_enabled=cfg.mqtt.enabled,
         mot_out=args.mot_out,
         print_events=args.print_events,
         max_frames=args.max_frames,
@@ -274,8 +273,6 @@ class Daemon:
         cfg: EdgedConfig,
         *,
         config_path: Optional[str] = None,
-        source_override: Optional[str] = None,
-        mqtt_enabled: bool = True,
         mot_out: Optional[str] = None,
         print_events: bool = False,
         max_frames: int = 0,
@@ -294,8 +291,6 @@ class Daemon:
         self.remote = None  # RemoteConfigStage when remote configuration is on
         self._frame_tick = threading.Condition()
         self.config_path = config_path
-        self.source_override = source_override
-        self.mqtt_enabled = mqtt_enabled
         self.mot_out = mot_out
         self.print_events = print_events
         self.max_frames = max_frames
@@ -369,12 +364,12 @@ class Daemon:
         log.info("tracker: appearance gate %.3f%s", tracker_cfg.max_cosine_distance,
                  " (from the encoder's calibration)" if cfg.tracker.max_cosine_distance is None and suggestion else "")
         if self.replay is None:
-            self.source = open_source(cfg.capture, self.config_path, self.source_override)
+            self.source = open_source(cfg.capture, self.config_path)
             self.capture = CaptureThread(self.source, cfg.capture)
         self.seq = SequenceCounter(self.state_dir / "sequence")
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.device_id, cfg.mqtt.site)
         self.router = Router(self.topics, qos_events=cfg.mqtt.qos_events, qos_tracks=cfg.mqtt.qos_tracks)
-        if self.mqtt_enabled:
+        if cfg.mqtt.enabled:
             from edged.mqtt.client import MqttPublisher
 
             from edged.mqtt.outbox import Outbox
@@ -475,10 +470,11 @@ class Daemon:
         `start_grace` (the watchdog's view: a model may take a while to load, a camera to open)."""
         if self.capture is None or self.pipeline is None:
             return False, "not started"
-        state = self.capture.stats().get("state")
+        cap = self.capture.stats()
+        state = cap.get("state")
         last = self.pipeline.counters.last_frame_at
         if state in ("reconnecting", "failed", "stopped"):
-            return False, f"source {state}: {self.capture.stats().get('last_error')}"
+            return False, f"source {state}: {cap.get('last_error')}"
         if state == "ended":
             return True, "ok"
         if not last:

@@ -56,3 +56,24 @@ def open_private(path: Union[str, Path], flags: int = os.O_WRONLY | os.O_CREAT |
         os.close(fd)
         raise
     return fd
+
+
+def write_private_atomic(path: Union[str, Path], data: bytes) -> None:
+    """Replace `path` with `data` atomically and durably, 0600: a crash leaves the old or the new content,
+    never half (temporary file, fsync, rename, fsync of the directory)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = open_private(tmp)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    # The rename is durable only once the directory is: without this a power cut could bring back the
+    # previous content.
+    dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

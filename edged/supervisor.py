@@ -27,7 +27,6 @@ class StageRecord:
     state: str = "starting"  # starting | running | backoff | finished | failed | stopped
     failures: int = 0  # total since start
     last_error: Optional[str] = None
-    last_failure_at: Optional[float] = None  # monotonic
     started_at: float = 0.0  # monotonic, of the current run
     recent: Deque[float] = field(default_factory=collections.deque)  # failure times within the window
     thread: Optional[threading.Thread] = None
@@ -82,7 +81,6 @@ class Supervisor:
                 with self._lock:
                     rec.failures += 1
                     rec.last_error = f"{type(exc).__name__}: {exc}"
-                    rec.last_failure_at = now
                     rec.recent.append(now)
                     while rec.recent and now - rec.recent[0] > self.window_s:
                         rec.recent.popleft()

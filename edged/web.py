@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import cv2
 import numpy as np
 
-from edged.config import ConfigError, LineConfig, WebConfig, ZoneConfig, resolve_path
+from edged.config import LineConfig, WebConfig, ZoneConfig, read_secret
 from edged.types import Frame, TrackSnapshot
 
 log = logging.getLogger("edged.web")
@@ -122,17 +122,10 @@ def is_loopback(host: str) -> bool:
 
 
 def read_web_password(cfg: WebConfig, config_path: Union[str, Path, None] = None) -> Optional[bytes]:
-    """The Basic auth password from web.password_file (relative to the config file), or None."""
-    if cfg.password_file is None:
-        return None
-    path = resolve_path(cfg.password_file, config_path)
-    try:
-        secret = path.read_bytes().strip(b"\r\n")
-    except OSError as exc:
-        raise ConfigError("web.password_file", [f"web.password_file: cannot read {path}: {exc.strerror}"]) from None
-    if not secret:
-        raise ConfigError("web.password_file", [f"web.password_file: {path} is empty"])
-    return secret
+    """The Basic auth password from web.password_file (relative to the config file), or None; read like
+    every other password file, so it is registered and no log line can show it."""
+    secret = read_secret("web", cfg.password_file, None, config_path)
+    return None if secret is None else secret.encode()
 
 
 def _bind_error(cfg: WebConfig, exc: OSError) -> WebBindError:
