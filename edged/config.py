@@ -565,9 +565,6 @@ class EdgedConfig(_Section):
     supervisor: SupervisorConfig = SupervisorConfig()
     remote_config: RemoteConfigConfig = RemoteConfigConfig()
 
-    def effective_client_id(self) -> str:
-        return self.mqtt.client_id or default_client_id(self.device_id, self.mqtt.site)
-
 
 # ---------------------------------------------------------------------------------------------- loading
 class ConfigError(Exception):

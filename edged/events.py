@@ -34,7 +34,7 @@ import numpy as np
 
 from edged import geometry
 from edged.config import IDENT_RE, EventsConfig
-from edged.types import EVENT_TYPES, TrackerStep, TrackSnapshot  # noqa: F401 (EVENT_TYPES re-exported)
+from edged.types import TrackerStep, TrackSnapshot
 
 EXIT_REASONS = ("lost", "left_frame", "shutdown")
 ZONE_EXIT_REASONS = ("left_zone", "track_exit", "shutdown", "config_changed", "class_changed")

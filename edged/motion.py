@@ -118,7 +118,6 @@ class MotionDetector:
         return self.boxes(rest)
 
 
-# ---------------------------------------------------------------------------------------------- tracks
 # ---------------------------------------------------------------------------------------------- geometry
 def _clip(boxes: np.ndarray, w: int, h: int) -> np.ndarray:
     """Boxes clipped to the frame, at least one pixel large (a track leaving the frame is looked for at

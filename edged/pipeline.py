@@ -150,7 +150,7 @@ class CommandQueue:
 class Detected:
     frame: Frame
     detections: Detections
-    seq: int = 0  # 1, 2, ... in the order frames entered the pipeline
+    seq: int  # 1, 2, ... in the order frames were detected
 
 
 @dataclass
@@ -163,7 +163,7 @@ class PipelineCounters:
     encoded: int = 0  # detections described by the appearance encoder
     macs: int = 0  # multiply-accumulates the detector and the encoder executed
     model_ms: float = 0.0  # time spent inside model invocations (detector and encoder)
-    stale_track_views: int = 0  # frames planned on an older track view than PLAN_LAG (the tracker hung)
+    stale_track_views: int = 0  # frames planned on an older track view than the previous frame (the tracker hung)
     last_frame_at: float = 0.0  # monotonic time the last frame left the tracking stage (0 = none yet)
     first_frame_at: float = 0.0  # monotonic time the first frame left it
     stage_ms: Dict[str, float] = field(default_factory=dict)  # exponential moving averages
@@ -174,12 +174,11 @@ class PipelineCounters:
 
 
 _END = object()  # end of stream, passed through the hand-off
-# A detector that plans where to look from the live tracks (motion-gated regions) plans frame N on the
-# tracks as updated on frame N - PLAN_LAG, threads or not: the same input gives the same tracks, in the
-# daemon as in synchronous driving. With 1 the inference stage waits for the tracker to take the previous
-# frame (its events and delivery still overlap). 2 would overlap tracking too, but plans on staler boxes:
-# measured TUD IDF1 0.742 against 0.759, far-people recall 0.30 against 0.37 (bench/bench_modes.py).
-PLAN_LAG = 1
+# A detector that plans where to look from the live tracks (motion-gated regions) plans each frame on the
+# tracks as updated on the frame detected before it, threads or not: the same input gives the same tracks,
+# in the daemon as in synchronous driving. The inference stage waits for the tracker to take that frame
+# (its events and delivery still overlap). Planning two frames back would overlap the tracker too, but on
+# staler boxes: measured TUD IDF1 0.742 against 0.759, far-people recall 0.30 against 0.37.
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -225,12 +224,11 @@ class Pipeline:
         self.tracking_done = False  # the tracking loop has seen end-of-stream
         self.finished = False  # finish() ran: every entered track has its exit
         self._latest: Optional[Tuple[Frame, List[TrackSnapshot], Detections]] = None
-        # Track views for a planning detector (PLAN_LAG): seq -> TrackView after the tracker took that frame.
+        # For a planning detector: the tracks after the tracker took a frame, and which one.
         self._tracked = threading.Condition()
         self._seq = 0  # frames detected (and so handed to the tracker)
         self._tracker_took = 0  # seq of the last frame the tracker is done with
-        self._views: Dict[int, TrackView] = {}
-        self._planning_seq = 0  # seq of the frame being detected
+        self._view = TrackView.empty()
         self._inference_stop: Optional[threading.Event] = None  # set while run_inference runs on its thread
 
     # ---------------------------------------------------------------------------- views (any thread)
@@ -239,16 +237,14 @@ class Pipeline:
         return self._latest
 
     def track_view(self) -> TrackView:
-        """The live tracks for planning the frame being detected: as updated PLAN_LAG frames earlier
-        (or the newest view before that, when the tracker failed on that frame)."""
-        want = self._planning_seq - PLAN_LAG
+        """The live tracks for planning the frame being detected: as updated on the frame detected before
+        it (or the one before that, when the tracker failed on it)."""
         if self._inference_stop is not None:
             # Waits here, not before the frame: the detector's own work before planning (the motion
             # mask) overlaps with the tracker finishing the previous frame.
-            self._await_tracker(want, self._inference_stop)
+            self._await_tracker(self._seq, self._inference_stop)
         with self._tracked:
-            older = [k for k in self._views if k <= want]
-            return self._views[max(older)] if older else TrackView.empty()
+            return self._view
 
     # ---------------------------------------------------------------------------- inference stage
     def _plans(self) -> bool:
@@ -256,9 +252,6 @@ class Pipeline:
 
     def infer(self, frame: Frame) -> Detected:
         """Detect and encode one frame (inference thread)."""
-        # A frame gets its seq once detected: one whose detection failed never reaches the tracker, and the
-        # next frame must not wait for it.
-        self._planning_seq = self._seq + 1
         t0 = self._clock()
         dets = self.detector.detect_frame(frame)
         dets.frame_size = frame.size
@@ -279,7 +272,9 @@ class Pipeline:
             else:
                 dets.features = self._encode(encoder, frame.image, dets.boxes)
                 self.counters.add_time("encode", (self._clock() - t1) * 1e3)
-        self._seq = self._planning_seq
+        # A frame gets its seq once detected: one whose detection failed never reaches the tracker, and the
+        # next frame must not wait for it.
+        self._seq += 1
         return Detected(frame, dets, self._seq)
 
     def _encode(self, encoder: Encoder, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
@@ -358,12 +353,10 @@ class Pipeline:
                 self.engine = self._make_engine(frame, self._source_fps())
             t0 = self._clock()
             step = self.tracker.update(item.detections)
-            if self._plans() and item.seq:
+            if self._plans():
                 view = TrackView(frame.index, *self.tracker.view())
                 with self._tracked:
-                    self._views[item.seq] = view
-                    for old in [k for k in self._views if k <= item.seq - PLAN_LAG - 1]:
-                        del self._views[old]
+                    self._view = view
             t1 = self._clock()
             events = self.engine.process(step, frame_index=frame.index, timestamp=frame.timestamp,
                                          stream_time=frame.stream_time)

@@ -26,6 +26,7 @@ import hmac
 import json
 import logging
 import math
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from edged.config import ConfigError, EdgedConfig, config_to_dict, deep_merge, load_config
+from edged.config import (
+    ConfigError, EdgedConfig, changed_paths, config_to_dict, deep_merge, load_config, read_secret,
+)
+from edged.events import iso_utc
 from edged.statefiles import write_private_atomic
 
 log = logging.getLogger("edged.remote_config")
@@ -205,9 +209,10 @@ def parse_desired(payload: bytes, scope: str, *, max_bytes: int = 65536,
         errors.append(f"(payload): unknown keys {', '.join(_short(u) for u in unknown)}; expected version, config, merge")
     if not errors:
         assert isinstance(overlay, dict)
-        bad_keys = [p for p in leaf_paths(overlay) if not all(isinstance(k, str) for k in p.split("."))]
+        paths = leaf_paths(overlay)
+        bad_keys = [p for p in paths if not all(isinstance(k, str) for k in p.split("."))]
         errors += [f"{p}: keys must be strings" for p in bad_keys]
-        local = sorted({p for p in leaf_paths(overlay) if _under(p, LOCAL_ONLY)})
+        local = sorted({p for p in paths if _under(p, LOCAL_ONLY)})
         errors += [f"{p}: can only be set in the config file on the device (a remote change could cut it off)"
                    for p in local]
         errors += _non_finite(overlay)
@@ -323,7 +328,7 @@ class Outcome:
             "changed": self.changed,
             "restart_required": self.restart_required,
             "applied": applied,
-            "ts": _iso_now(),
+            "ts": iso_utc(time.time()),
         }
 
 
@@ -387,7 +392,6 @@ class RemoteConfigManager:
         except ConfigError as exc:
             return Outcome("rejected", scope, desired.version, list(exc.problems))
         old_cfg = self.current
-        from edged.config import changed_paths
 
         changed = changed_paths(old_cfg, new_cfg)
         restart = [p for p in changed if _under(p, RESTART_REQUIRED)]
@@ -429,14 +433,8 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def _iso_now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
-
-
 def read_hmac_secret(cfg: EdgedConfig, config_path: Union[str, Path, None]) -> Optional[bytes]:
     """The shared secret of remote_config.hmac_secret_file / _env (registered as a secret), or None."""
-    from edged.config import read_secret
 
     rc = cfg.remote_config
     secret = read_secret("remote_config", rc.hmac_secret_file, rc.hmac_secret_env, config_path, name="hmac_secret")
@@ -448,8 +446,6 @@ class RemoteConfigStage:
     counted, never buffered without limit) and the loop the supervisor runs."""
 
     def __init__(self, manager: RemoteConfigManager, publish: Callable[[Outcome], None], capacity: int = 64):
-        import queue
-
         self.manager = manager
         self._publish = publish
         self._queue: "queue.Queue[Tuple[str, bytes]]" = queue.Queue(maxsize=capacity)
@@ -457,16 +453,12 @@ class RemoteConfigStage:
 
     def offer(self, scope: str, payload: bytes) -> None:
         """Called from paho's network thread: only enqueue."""
-        import queue
-
         try:
             self._queue.put_nowait((scope, bytes(payload)))
         except queue.Full:
             self.dropped += 1
 
     def run(self, stop: "threading.Event", poll_s: float = 0.5) -> None:
-        import queue
-
         while not stop.is_set():
             try:
                 scope, payload = self._queue.get(timeout=poll_s)
@@ -476,5 +468,3 @@ class RemoteConfigStage:
             if outcome is not None:
                 self._publish(outcome)
 
-    def pending(self) -> int:
-        return self._queue.qsize()

@@ -28,6 +28,7 @@ from edged.config import (
     ConfigError, EdgedConfig, deep_merge, load_config, parse_assignment, read_password, resolve_state_dir,
 )
 from edged.logs import setup_logging
+from edged.events import iso_utc
 from edged.pipeline import Pipeline
 from edged.sdnotify import Notifier, watchdog_interval_s
 from edged.statefiles import ensure_private_dir
@@ -411,7 +412,7 @@ class Daemon:
             self._frame_tick.notify_all()
 
     def track_view(self) -> Any:
-        """The live tracks for planning the frame being detected (edged.pipeline.PLAN_LAG)."""
+        """The live tracks for planning the frame being detected (as of the frame detected before it, edged.pipeline)."""
         from edged.types import TrackView
 
         return self.pipeline.track_view() if self.pipeline is not None else TrackView.empty()
@@ -515,7 +516,7 @@ class Daemon:
         out: Dict[str, Any] = {
             "device": self.cfg.device_id,
             "version": __version__,
-            "ts": _iso_now(),
+            "ts": iso_utc(time.time()),
             "uptime_s": round(time.time() - self.started_at, 1),
             "healthy": ok,
             "health": why,
@@ -874,11 +875,6 @@ def _state_dir(cfg: EdgedConfig, config_path: Optional[str]) -> Path:
     except OSError as exc:
         raise StartupError(f"state_dir: cannot create {path}: {exc.strerror or exc}", exitcodes.CANT_CREATE) from None
     return path
-
-
-def _iso_now() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t * 1000) % 1000:03d}Z"
 
 
 def cpu_temperature() -> Optional[float]:

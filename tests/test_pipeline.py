@@ -287,12 +287,10 @@ def _threaded_run(p: Pipeline) -> None:
 
 @pytest.mark.parametrize("threaded", [False, True])
 @pytest.mark.parametrize("fail_in", ["nothing", "tracking", "detection"])
-def test_a_planning_detector_sees_the_tracks_a_fixed_number_of_frames_back(scene_frames, threaded, fail_in):
+def test_a_planning_detector_sees_the_tracks_as_of_the_previous_frame(scene_frames, threaded, fail_in):
     """Threads or not, a detector that plans from the tracks plans frame N on the tracks as updated on
-    frame N - PLAN_LAG, so the daemon tracks exactly as synchronous driving does; a frame whose tracking
+    frame N - 1, so the daemon tracks exactly as synchronous driving does; a frame whose tracking
     stage failed (after the tracker took it) or whose detection failed does not make detection wait."""
-    from edged.pipeline import PLAN_LAG
-
     frames, dets, _ = scene_frames
 
     fail_on = 5
@@ -313,7 +311,7 @@ def test_a_planning_detector_sees_the_tracks_a_fixed_number_of_frames_back(scene
                 p.process(frame)
             except RuntimeError:
                 pass
-    want = {f.index: max(f.index - PLAN_LAG, -1) for f in frames}
+    want = {f.index: max(f.index - 1, -1) for f in frames}
     if fail_in == "detection":  # frame 5 was never tracked: frame 6 plans on frame 4's tracks
         del want[fail_on]
         want[fail_on + 1] = fail_on - 1

@@ -115,8 +115,6 @@ class TFLiteBackend:
             data = runtime.resized_model(self.model_path, height, width)
             it = runtime.load_interpreter(data, threads=self._threads, input_shape=[1, height, width, 3])
             self._sized[key] = it
-            while len(self._sized) > SIZED_INTERPRETERS:
-                self._sized.popitem(last=False)
         self._sized.move_to_end(key)
         return it
 

@@ -500,8 +500,6 @@ class Outbox:
     def _config_kwargs(cfg) -> Dict[str, object]:
         kwargs: Dict[str, object] = dict(max_rows=cfg.max_rows, max_bytes=cfg.max_bytes, drop=cfg.drop,
                                          synchronous=getattr(cfg, "synchronous", "normal"))
-        if getattr(cfg, "busy_timeout_s", None) is not None:
-            kwargs["busy_timeout_s"] = cfg.busy_timeout_s
         return kwargs
 
     @classmethod

@@ -147,6 +147,3 @@ class Router:
     def discovery(topic: str) -> Route:
         return Route(topic, 1, True, "discovery", f"ha:{topic}")
 
-    def clear(self, topic: str) -> Route:
-        """An empty retained message: removes a retained message from the broker."""
-        return Route(topic, 1, True, "clear", f"clear:{topic}")

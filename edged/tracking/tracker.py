@@ -152,12 +152,8 @@ class Tracker:
                 raise ValueError(f"Detections: features must be ({n_det}, D), got {feats.shape}")
             if n_det == 0 or feats.shape[1] == 0:
                 feats = None
-            elif self._feature_dim != feats.shape[1]:
-                if self._feature_dim:
-                    # Another encoder model (a live reconfiguration): its features do not compare with
-                    # the old ones. Dropping the memory keeps the tracks going.
-                    self.forget_appearance()
-                self._ensure_pool(feats.shape[1])
+            else:
+                self._use_feature_dim(feats.shape[1])
 
         n = self._n
         S = self._state[:n]
@@ -188,10 +184,7 @@ class Tracker:
                 got = np.asarray(encode(idx), np.float32)
                 if got.ndim != 2 or got.shape[0] != idx.size:
                     raise ValueError(f"Detections.encode: expected ({idx.size}, D) features, got {got.shape}")
-                if self._feature_dim != got.shape[1]:
-                    if self._feature_dim:
-                        self.forget_appearance()
-                    self._ensure_pool(got.shape[1])
+                self._use_feature_dim(got.shape[1])
                 feats = np.zeros((n_det, got.shape[1]), np.float32)
                 feats[idx] = got
                 det_has = need
@@ -574,6 +567,15 @@ class Tracker:
         ]
 
     # ------------------------------------------------------------------------------------------ appearance
+    def _use_feature_dim(self, dim: int) -> None:
+        if dim == self._feature_dim:
+            return
+        if self._feature_dim:
+            # Another encoder model (a live reconfiguration): its features do not compare with the old
+            # ones. Dropping the memory keeps the tracks going.
+            self.forget_appearance()
+        self._ensure_pool(dim)
+
     def _ensure_pool(self, dim: int) -> None:
         self._feature_dim = dim
         self._grow(64)
