@@ -183,13 +183,9 @@ class OutboxSink:
 
     def emit(self, events: List[dict], state: Optional[dict]) -> None:
         if self.outbox is not None:
-            rows = []
-            for ev in events:
-                r = self.router.event(ev["type"])
-                rows.append((r.topic, _json(ev), r.qos, r.retain, r.kind, r.coalesce_key))
+            rows = [self.router.event(ev["type"]).row(_json(ev)) for ev in events]
             if state is not None:
-                r = self.router.state
-                rows.append((r.topic, _json(state), r.qos, r.retain, r.kind, r.coalesce_key))
+                rows.append(self.router.state.row(_json(state)))
             if rows:
                 self.outbox.put_many(rows)
         for ev in events:
@@ -557,9 +553,8 @@ class Daemon:
     def _publish_stats(self) -> None:
         if self.outbox is None:
             return
-        r = self.router.stats
         try:
-            self.outbox.put(r.topic, _json(self.stats()), qos=r.qos, retain=r.retain, kind=r.kind, coalesce_key=r.coalesce_key)
+            self.outbox.put_many([self.router.stats.row(_json(self.stats()))])
         except Exception as exc:  # stats are best effort; the stages' own failures are supervised
             self._stats_errors += 1
             if self._stats_errors == 1 or self._stats_errors % 20 == 0:
@@ -704,11 +699,7 @@ class Daemon:
         return None
 
     def _publish_outcome(self, outcome: Any) -> None:
-        assert self.remote is not None
-        manager = self.remote.manager
-        report = outcome.report(manager.effective_hash, manager.store.versions)
-        r = self.router.config_reported
-        rows = [(r.topic, _json(report), r.qos, r.retain, r.kind, r.coalesce_key)]
+        rows = [self._report_row(outcome)]
         if outcome.status == "applied":
             rows.append(self._effective_row())
         self.outbox.put_many(rows)
@@ -719,8 +710,12 @@ class Daemon:
 
         body = config_to_dict(self.cfg)
         body["effective_hash"] = config_hash(self.cfg)
-        r = self.router.config_effective
-        return (r.topic, _json(body), r.qos, r.retain, r.kind, r.coalesce_key)
+        return self.router.config_effective.row(_json(body))
+
+    def _report_row(self, outcome: Any) -> tuple:
+        assert self.remote is not None
+        manager = self.remote.manager
+        return self.router.config_reported.row(_json(outcome.report(manager.effective_hash, manager.store.versions)))
 
     def _publish_remote_start(self) -> None:
         """At start: the effective config (retained, for dashboards), and a `failed` report when the
@@ -729,11 +724,7 @@ class Daemon:
         if self._remote_problem and self.remote is not None:
             from edged.remote_config import Outcome
 
-            outcome = Outcome("failed", "device", None, [self._remote_problem])
-            manager = self.remote.manager
-            r = self.router.config_reported
-            rows.append((r.topic, _json(outcome.report(manager.effective_hash, manager.store.versions)),
-                         r.qos, r.retain, r.kind, r.coalesce_key))
+            rows.append(self._report_row(Outcome("failed", "device", None, [self._remote_problem])))
         self.outbox.put_many(rows)
 
     # ------------------------------------------------------------------------------------ failure

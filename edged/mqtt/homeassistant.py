@@ -168,7 +168,6 @@ def queue_discovery(outbox, messages: Sequence[Tuple[str, bytes]]) -> int:
     retained, QoS 1, coalesced per topic)."""
     rows = []
     for topic, payload in messages:
-        r = Router.discovery(topic)
-        rows.append((r.topic, payload, r.qos, r.retain, r.kind, r.coalesce_key))
+        rows.append(Router.discovery(topic).row(payload))
     outbox.put_many(rows)
     return len(rows)

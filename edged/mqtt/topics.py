@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple, Union
 
 from edged.types import EVENT_TYPES, POSITION
 
@@ -107,6 +107,10 @@ class Route:
     retain: bool
     kind: str  # outbox kind: the drop policy and the stats count by it
     coalesce_key: Optional[str] = None  # a newer queued row with the same key replaces the older one
+
+    def row(self, payload: Union[bytes, str]) -> Tuple[str, Union[bytes, str], int, bool, str, Optional[str]]:
+        """The outbox row (Outbox.put_many) that publishes `payload` this way."""
+        return (self.topic, payload, self.qos, self.retain, self.kind, self.coalesce_key)
 
 
 class Router:
