@@ -179,6 +179,17 @@ def broker_factory(tmp_path):
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def pool():
+    """Brokers of every kind the compatibility tests use (tests/brokers.py), started on demand and
+    stopped after the module."""
+    from brokers import BrokerPool  # imports this module
+
+    p = BrokerPool()
+    yield p
+    p.close()
+
+
 @pytest.fixture
 def broker(broker_factory) -> Broker:
     """A plain anonymous mosquitto on a free 127.0.0.1 port."""

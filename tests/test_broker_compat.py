@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from brokers import BrokerInstance, BrokerPool, Subscriber, retained
+from brokers import BrokerInstance, Subscriber, retained
 from _mqtt_helpers import wait_until
 from conftest import ROOT
 from _replay_device import ReplayDevice
@@ -42,13 +42,6 @@ PROFILES = [
     ("nats", "auto", "3.1.1"),
     ("rabbitmq", "auto", "3.1.1"),
 ]
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = BrokerPool()
-    yield p
-    p.close()
 
 
 @pytest.fixture(scope="module", params=PROFILES, ids=[f"{b}-{p}" for b, p, _n in PROFILES])

@@ -9,22 +9,12 @@ import subprocess
 import sys
 import time
 
-import pytest
-
-from brokers import BrokerPool
 from conftest import ROOT
 from netutil import ProcessOutput
 from _replay_device import ReplayDevice
 
 sys.path.insert(0, str(ROOT / "examples"))
 import fleet_consumer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = BrokerPool()
-    yield p
-    p.close()
 
 
 def _ev(event_id: str, kind: str, frame: int, cls: str = "person") -> dict:

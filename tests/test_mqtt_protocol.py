@@ -12,7 +12,7 @@ from typing import List
 
 import pytest
 
-from brokers import BrokerPool, Subscriber
+from brokers import Subscriber
 from _mqtt_helpers import wait_until
 from edged.config import ConfigError, MqttConfig, load_config
 from edged.mqtt.client import MqttPublisher
@@ -22,13 +22,6 @@ from test_mqtt_client import Recorder
 
 DEVICE = "dev1"
 TOPICS = Topics("edged", DEVICE)
-
-
-@pytest.fixture(scope="module")
-def pool():
-    p = BrokerPool()
-    yield p
-    p.close()
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ import pytest
 
 from edged.config import OutboxConfig
 from edged.mqtt.outbox import Outbox, OutboxCorruptError, OutboxError
+from tests.conftest import missing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -319,9 +320,7 @@ def test_second_corruption_in_the_same_second_gets_its_own_name(tmp_path):
 def test_unwritable_state_dir_is_an_outbox_error_not_a_recovery(tmp_path):
     """A read-only file system (an SD card the kernel remounted read-only) in a private mount namespace."""
     if shutil.which("unshare") is None or os.geteuid() != 0:
-        if os.environ.get("CI"):
-            pytest.fail("needs root and unshare(1) to mount a read-only file system")
-        pytest.skip("needs root and unshare(1) to mount a read-only file system")
+        missing("needs root and unshare(1) to mount a read-only file system")
     state = tmp_path / "state"
     state.mkdir()
     _filled(state / "outbox.sqlite3", 5)

@@ -21,23 +21,17 @@ import pytest
 import yaml
 
 from edged import exitcodes, install
-from tests.conftest import ROOT, free_port
+from tests.conftest import ROOT, free_port, missing, need_program
 from tests.mqttutil import Collector
 
 UNIT = ROOT / "systemd" / "edged.service"
 SANDBOX = ROOT / "tests" / "_unit_sandbox.py"
 MAX_EXPOSURE = 2.5
-IN_CI = bool(os.environ.get("CI"))
 VIDEO_GID = 44  # Debian's fixed gid of the video group
 
 
 def _systemd_analyze() -> str:
-    path = shutil.which("systemd-analyze")
-    if path is None:
-        if IN_CI:
-            pytest.fail("systemd-analyze is missing: scripts/test.sh installs the 'systemd' package")
-        pytest.skip("needs systemd-analyze (apt-get install systemd)")
-    return path
+    return need_program("systemd-analyze")
 
 
 @pytest.fixture()
@@ -193,9 +187,7 @@ def test_private_users_keeps_device_access_through_supplementary_groups(tmp_path
     unmapped inside the namespace. The kernel still grants group access by the real group id, as
     systemd's order (groups set, then the user namespace) gives: checked with setpriv + unshare."""
     if os.geteuid() != 0:
-        if IN_CI:
-            pytest.fail("needs root (CI runs as root)")
-        pytest.skip("needs root to switch users")
+        missing("needs root to switch users (CI runs as root)")
     for tool in ("setpriv", "unshare"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} (util-linux) is missing")
