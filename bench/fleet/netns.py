@@ -90,7 +90,7 @@ class Topology:
                 ns, a, b = self.site_ns(k), self.veth(k, "a"), self.veth(k, "b")
                 self._add_ns(ns)
                 ip("link", "add", a, "netns", ns, "type", "veth", "peer", "name", b, "netns", self.central)
-                ip("-n", ns, "addr", "add", f"10.98.{k}.2/24", "dev", a)
+                ip("-n", ns, "addr", "add", f"{self.site_ip(k)}/24", "dev", a)
                 ip("-n", self.central, "addr", "add", f"10.98.{k}.1/24", "dev", b)
                 ip("-n", ns, "link", "set", a, "up")
                 ip("-n", self.central, "link", "set", b, "up")

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -117,7 +117,6 @@ class NatsNode:
     workdir: Path
     topo: Topology
     proc: Optional[subprocess.Popen] = None
-    pids: List[int] = field(default_factory=list)
 
     @property
     def ip(self) -> str:
@@ -162,7 +161,6 @@ class NatsNode:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.topo.exec_argv(self.topo.central, [program("nats-server", "/usr/sbin/nats-server"), "-c", str(conf)]),
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        self.pids.append(self.proc.pid)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -74,7 +74,6 @@ class FleetResult:
     device_private_mb_max: float = 0.0
     counts_equal: bool = False
     count_check: Dict[str, dict] = field(default_factory=dict)
-    excluded_from_check: List[str] = field(default_factory=list)
     left_in_outbox: int = 0  # committed rows still queued on a device after its clean stop
     consumer_connects: int = 0
     device_restarts_seen: int = 0
@@ -226,7 +225,7 @@ def run_fleet(spec: FleetSpec, log=print) -> FleetResult:
         result.latency_p50_s = round(_percentile(lat, 0.5), 3)
         result.latency_p95_s = round(_percentile(lat, 0.95), 3)
         result.latency_max_s = round(max(lat), 3) if lat else math.nan
-        _count_check(result, summary, killed)
+        _count_check(result, summary)
         result.edge_cpu_s = round(cpu_edge.total(), 1)
         log(json.dumps({k: v for k, v in asdict(result).items() if k not in ("spec", "count_check")}))
         return result
@@ -290,10 +289,10 @@ def _run_window(spec: FleetSpec, topo: Topology, cluster: NatsCluster, devices: 
     sleep_until(start + spec.duration_s)
 
 
-def _count_check(result: FleetResult, summary: dict, killed: List[Device]) -> None:
+def _count_check(result: FleetResult, summary: dict) -> None:
     """The consumer's live counts (events up to each device's newest state at the end of the window)
     against the sum of those states, per site."""
     check = summary.get("check_snapshot") or {}
     result.count_check = check
-    result.excluded_from_check = []  # every device counts: the consumer resets a restarted device
+    # Every device counts, SIGKILLed ones too: the consumer resets a restarted device's count.
     result.counts_equal = bool(check) and all(v["from_events"] == v["from_states"] for v in check.values())
